@@ -1,0 +1,28 @@
+"""batchnorm: batch normalization for PyTorch, done properly.
+
+Drop-in ``BatchNorm1d/2d/3d`` with a fused residual add and activation, one statistics module,
+one op boundary (``torch.library`` custom ops) and kernel backends behind it.
+"""
+
+from __future__ import annotations
+
+from . import functional, kernels, stats
+from .activations import parse_activation
+from .functional import NonFiniteBatchWarning
+from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .tools import convert_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "NonFiniteBatchWarning",
+    "convert_model",
+    "functional",
+    "kernels",
+    "parse_activation",
+    "stats",
+    "__version__",
+]

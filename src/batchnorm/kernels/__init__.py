@@ -1,0 +1,98 @@
+"""Backend selection: which kernels run a given canonical tensor.
+
+Backends register a loader here; nothing above ``kernels/`` names a backend. Selection, in order:
+
+1. ``BATCHNORM_BACKEND=reference|cpu|triton`` forces a backend for every tensor it supports
+   (the reference backend takes the rest, so a forced run never fails on a dtype a fast backend
+   leaves out). Forcing a backend that cannot be imported is an error, not a silent fallback.
+2. Otherwise the first backend in :data:`PREFERENCE` for the tensor's device type that is
+   importable and supports the tensor; the reference backend last.
+
+Loaders import lazily: importing ``batchnorm`` never imports Numba or Triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+
+from torch import Tensor
+
+from .base import Backend
+
+__all__ = ["Backend", "get_backend", "select", "available_backends", "register_backend"]
+
+ENV_VAR = "BATCHNORM_BACKEND"
+
+_LOADERS: dict[str, Callable[[], Backend]] = {}
+_CACHE: dict[str, Backend | None] = {}
+
+# device type -> backend names tried in order before the reference backend
+PREFERENCE: dict[str, tuple[str, ...]] = {"cpu": ("cpu",), "cuda": ("triton",)}
+
+
+def register_backend(name: str, loader: Callable[[], Backend]) -> None:
+    """Register a backend by name; ``loader`` imports it and returns the instance."""
+    _LOADERS[name] = loader
+    _CACHE.pop(name, None)
+
+
+def _module_loader(module: str) -> Callable[[], Backend]:
+    def load() -> Backend:
+        return importlib.import_module(module, __name__).BACKEND  # type: ignore[no-any-return]
+
+    return load
+
+
+register_backend("reference", _module_loader(".reference"))
+register_backend("cpu", _module_loader(".cpu"))
+register_backend("triton", _module_loader(".triton"))
+
+
+def get_backend(name: str) -> Backend | None:
+    """The backend called ``name``, or ``None`` when its dependencies do not import."""
+    if name not in _LOADERS:
+        raise ValueError(
+            f"{ENV_VAR}: expected one of {sorted(_LOADERS)}, got {name!r}"
+        )
+    if name not in _CACHE:
+        try:
+            backend: Backend | None = _LOADERS[name]()
+        except ImportError:
+            backend = None
+        if backend is not None and not backend.available():
+            backend = None
+        _CACHE[name] = backend
+    return _CACHE[name]
+
+
+def available_backends() -> list[str]:
+    return [name for name in _LOADERS if get_backend(name) is not None]
+
+
+def forced() -> str | None:
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    return value or None
+
+
+def select(x: Tensor) -> Backend:
+    """The backend that runs canonical tensor ``x``."""
+    reference = get_backend("reference")
+    assert reference is not None
+    if x.numel() == 0:  # kernels never see empty tensors
+        return reference
+    name = forced()
+    if name is not None:
+        backend = get_backend(name)
+        if backend is None:
+            raise RuntimeError(
+                f"{ENV_VAR}={name}: that backend is not importable on this machine "
+                f"(available: {available_backends()})"
+            )
+        return backend if backend.supports(x) else reference
+    for candidate in PREFERENCE.get(x.device.type, ()):
+        backend = get_backend(candidate)
+        if backend is not None and backend.supports(x):
+            return backend
+    return reference

@@ -1,0 +1,128 @@
+"""The backend contract: what every kernel backend implements.
+
+Kernels see two canonical shapes only (see ``functional._canonicalize``):
+
+- channels-first ``x: (N, C, S)``, contiguous;
+- channels-last ``x: (M, C)``, contiguous (``M = N·prod(spatial)``; a 2-D ``(N, C)`` input is this).
+
+Per-channel vectors (``mean``, ``rstd``, ``scale``, ``shift``, sums) are ``(C,)`` in the
+accumulation dtype (:func:`batchnorm.stats.accumulation_dtype`). ``residual`` has the canonical
+shape of ``x``. ``act`` is a name from :data:`batchnorm.activations.ACTIVATIONS` and ``slope``
+the leaky-ReLU slope. Arguments are valid: the functional layer checked them.
+
+The math (see :mod:`batchnorm.stats`)::
+
+    pre = (x - mean)·scale + shift [+ residual];  y = act(pre)
+    g = dy·act'(pre);  x̂ = (x - mean)·rstd
+    sum_g = Σ g;  sum_gx = Σ g·x̂           (per channel)
+    dx = scale·(g - a - x̂·b)                with a = sum_g/n, b = sum_gx/n in training, 0 in eval
+    dresidual = g;  dγ = sum_gx;  dβ = sum_g
+
+A backend implements the four primitives; the two fused entry points below compose them and a
+fast backend overrides them with single-pass kernels. The distributed path calls the primitives
+with an all-gather between ``stats`` and ``apply`` and an all-reduce between ``backward_reduce``
+and ``backward_apply``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from torch import Tensor
+
+from .. import stats as S
+
+
+class Backend(ABC):
+    """Base class; subclasses override the primitives and, for speed, the fused paths."""
+
+    name = "base"
+
+    # -- capability -------------------------------------------------------------------------
+    def available(self) -> bool:
+        """Whether the backend's dependencies import on this machine."""
+        return True
+
+    def supports(self, x: Tensor) -> bool:
+        """Whether this backend handles a canonical tensor ``x`` (device, dtype, layout)."""
+        return True
+
+    # -- primitives ----------------------------------------------------------------------------
+    @abstractmethod
+    def stats(self, x: Tensor) -> S.Partials:
+        """Per-channel partials ``(count, mean, m2)`` of ``x``."""
+
+    @abstractmethod
+    def apply(
+        self, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor | None,
+        residual: Tensor | None, act: str, slope: float,
+    ) -> Tensor:
+        """``act((x - mean)·scale + shift + residual)`` in the dtype and canonical shape of x."""
+
+    @abstractmethod
+    def backward_reduce(
+        self, grad_y: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
+        shift: Tensor | None, residual: Tensor | None, act: str, slope: float,
+    ) -> tuple[Tensor, Tensor]:
+        """``(Σ g, Σ g·x̂)`` per channel, with ``g = dy·act'(pre)``."""
+
+    @abstractmethod
+    def backward_apply(
+        self, grad_y: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, scale: Tensor,
+        shift: Tensor | None, residual: Tensor | None, act: str, slope: float,
+        a: Tensor | None, b: Tensor | None, need_dx: bool, need_dres: bool,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """``(dx, dresidual)``; ``a``/``b`` are ``None`` with running statistics (eval)."""
+
+    # -- fused entry points (override for speed) ----------------------------------------------
+    def forward_train(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+        eps: float, act: str, slope: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Batch statistics and output: ``(y, mean, rstd, biased var)``."""
+        mean, var, rstd = S.finalize(self.stats(x), eps)
+        scale = S.scale_of(rstd, weight)
+        shift = None if bias is None else bias.to(mean.dtype)
+        return self.apply(x, mean, scale, shift, residual, act, slope), mean, rstd, var
+
+    def forward_eval(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+        mean: Tensor, rstd: Tensor, act: str, slope: float,
+    ) -> Tensor:
+        """Output with given statistics (running ones): ``act((x-mean)·γ·rstd + β + r)``."""
+        scale = S.scale_of(rstd, weight)
+        shift = None if bias is None else bias.to(mean.dtype)
+        return self.apply(x, mean, scale, shift, residual, act, slope)
+
+    def backward(
+        self, grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+        residual: Tensor | None, mean: Tensor, rstd: Tensor, training: bool, act: str,
+        slope: float, need_dx: bool, need_dweight: bool, need_dbias: bool, need_dres: bool,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """``(dx, dweight, dbias, dresidual)``; entries not needed may be ``None``."""
+        scale = S.scale_of(rstd, weight)
+        shift = None if bias is None else bias.to(mean.dtype)
+        c = x.shape[1]
+        n = x.numel() // c if c else 0
+        need_sums = training and need_dx or need_dweight or need_dbias
+        sum_g = sum_gx = None
+        if need_sums:
+            sum_g, sum_gx = self.backward_reduce(
+                grad_y, x, mean, rstd, scale, shift, residual, act, slope
+            )
+        a = b = None
+        if training and need_dx:
+            assert sum_g is not None and sum_gx is not None
+            a, b = sum_g / max(n, 1), sum_gx / max(n, 1)
+        dx, dres = (None, None)
+        if need_dx or need_dres:
+            dx, dres = self.backward_apply(
+                grad_y, x, mean, rstd, scale, shift, residual, act, slope, a, b, need_dx, need_dres
+            )
+        dweight = dbias = None
+        if need_dweight and weight is not None and sum_gx is not None:
+            dweight = sum_gx.to(weight.dtype)
+        if need_dbias and bias is not None and sum_g is not None:
+            dbias = sum_g.to(bias.dtype)
+        return dx, dweight, dbias, dres
+

@@ -1,0 +1,211 @@
+"""``BatchNorm1d/2d/3d``: drop-in replacements for PyTorch's, with a fused residual add and
+activation.
+
+The classes subclass PyTorch's own (``isinstance(m, torch.nn.BatchNorm2d)`` holds), so
+parameters, buffers, ``state_dict`` keys, the ``_version`` migration, ``reset_parameters`` and
+initialization code written for PyTorch's layers carry over unchanged. Only the forward differs:
+it goes through :func:`batchnorm.functional.batch_norm_impl`.
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .._errors import BatchNormValueError, describe
+from ..activations import ActivationSpec, parse_activation, spec_of
+from ..functional import NonFiniteBatchWarning, batch_norm_impl
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+
+def check_constructor(num_features: object, eps: object, momentum: object) -> None:
+    """Constructor checks shared by every batch-norm module of the package."""
+    if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+        raise TypeError(f"num_features: expected an int, got {type(num_features).__name__}")
+    if int(num_features) <= 0:
+        raise ValueError(f"num_features: expected a positive int, got {num_features}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
+    if not float(eps) >= 0:
+        raise ValueError(f"eps: expected a non-negative float, got {eps}")
+    if momentum is not None and (isinstance(momentum, bool)
+                                 or not isinstance(momentum, numbers.Real)):
+        raise TypeError(f"momentum: expected a float or None, got {type(momentum).__name__}")
+
+
+class _BatchNormBase(_BatchNorm):
+    """What every batch-norm module here shares; subclasses set ``_dims`` (accepted ranks)."""
+
+    _dims: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+        activation: ActivationSpec = None,
+    ) -> None:
+        check_constructor(num_features, eps, momentum)
+        act = parse_activation(activation)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if affine and not bias:
+            self.register_parameter("bias", None)
+        self.activation: ActivationSpec = spec_of(*act)
+        self.layer_name: str | None = None
+        self._reported_skips = 0
+        self.num_batches_skipped: Tensor | None
+        if track_running_stats:
+            self.register_buffer(
+                "num_batches_skipped",
+                torch.zeros((), dtype=torch.long, device=device),
+                persistent=False,
+            )
+        else:
+            self.register_buffer("num_batches_skipped", None, persistent=False)
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        skipped = getattr(self, "num_batches_skipped", None)
+        if skipped is not None:
+            skipped.zero_()
+            self._reported_skips = 0
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
+        if input.dim() not in self._dims:
+            want = " or ".join(f"{d}D" for d in self._dims)
+            raise ValueError(
+                f"expected {want} input (got {input.dim()}D input): {type(self).__name__} "
+                f"takes input of shape {self._shape_doc}, got shape {tuple(input.shape)}"
+            )
+        if input.shape[1] != self.num_features:
+            raise BatchNormValueError(
+                f"input: expected {self.num_features} channels (dimension 1) for "
+                f"{type(self).__name__}({self.num_features}), got {input.shape[1]} in "
+                f"{describe(input)}"
+            )
+
+    _shape_doc = "(N, C, ...)"
+
+    def _name(self) -> str:
+        return self.layer_name or f"{type(self).__name__}({self.num_features})"
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        self._check_input_dim(input)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = self.training and self.track_running_stats
+        pass_buffers = not self.training or self.track_running_stats
+        return batch_norm_impl(
+            input,
+            self.running_mean if pass_buffers else None,
+            self.running_var if pass_buffers else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
+            activation=self.activation,
+            residual=residual,
+            num_batches_tracked=self.num_batches_tracked if track else None,
+            num_batches_skipped=self.num_batches_skipped if track else None,
+            layer_name=self._name(),
+        )
+
+    @property
+    def skipped_updates(self) -> int:
+        """Batches whose non-finite statistics were kept out of the running statistics.
+
+        Reading it synchronizes with the device (on a GPU the count is kept on the device so the
+        forward never waits); newly skipped batches are reported with a warning here.
+        """
+        if self.num_batches_skipped is None:
+            return 0
+        count = int(self.num_batches_skipped)
+        if count > self._reported_skips and self.num_batches_skipped.device.type != "cpu":
+            warnings.warn(
+                f"{self._name()}: {count - self._reported_skips} batch(es) with non-finite "
+                "statistics were kept out of the running statistics",
+                NonFiniteBatchWarning,
+                stacklevel=2,
+            )
+        self._reported_skips = count
+        return count
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if self.activation is not None:
+            text += f", activation={self.activation!r}"
+        return text
+
+
+_DOC = r"""Batch normalization over a {rank} input (Ioffe & Szegedy, 2015), a drop-in
+    replacement for :class:`torch.nn.{name}` with an optional fused residual add and activation.
+
+    .. math::
+        y = \mathrm{{act}}\Big(\frac{{x - \mathrm{{E}}[x]}}{{\sqrt{{\mathrm{{Var}}[x] + \epsilon}}}}
+            \cdot \gamma + \beta + \text{{residual}}\Big)
+
+    Mean and variance are per channel over the batch{over}; in training the running estimates
+    are updated with ``momentum`` (``None``: cumulative average), using the unbiased variance;
+    a batch with non-finite statistics never updates them (see :attr:`skipped_updates`).
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to the variance for stability. Default: 1e-5
+        momentum: running-statistics factor, or ``None`` for a cumulative average. Default: 0.1
+        affine: learnable γ and β. Default: True
+        track_running_stats: keep running estimates for eval. Default: True
+        device, dtype: factory arguments for parameters and buffers. Default: None
+        bias: learnable β when ``affine``. Default: True
+        activation: ``None``, ``"relu"``, ``"leaky_relu"``, ``("leaky_relu", slope)``,
+            ``"silu"``, ``"gelu"`` or the matching ``nn`` module, applied last. Default: None
+
+    Shape:
+        - Input: {shape}; output: the same shape and memory format.
+        - ``forward(input, residual=None)``: ``residual`` has the input's shape.
+
+    Examples::
+
+        >>> m = batchnorm.{name}({example_c}, activation="relu")
+        >>> y = m(torch.randn({example_shape}))
+"""
+
+
+def _doc(name: str, rank: str, over: str, shape: str, example_shape: str) -> str:
+    channels = example_shape.split(", ")[1]
+    return _DOC.format(name=name, rank=rank, over=over, shape=shape, example_c=channels,
+                       example_shape=example_shape)
+
+
+class BatchNorm1d(_BatchNormBase, torch.nn.BatchNorm1d):
+    __doc__ = _doc("BatchNorm1d", "2D or 3D", " (and length)", "``(N, C)`` or ``(N, C, L)``",
+                   "20, 100, 35")
+    _dims = (2, 3)
+    _shape_doc = "(N, C) or (N, C, L)"
+
+
+class BatchNorm2d(_BatchNormBase, torch.nn.BatchNorm2d):
+    __doc__ = _doc("BatchNorm2d", "4D", " and spatial dimensions", "``(N, C, H, W)``",
+                   "20, 100, 35, 45")
+    _dims = (4,)
+    _shape_doc = "(N, C, H, W)"
+
+
+class BatchNorm3d(_BatchNormBase, torch.nn.BatchNorm3d):
+    __doc__ = _doc("BatchNorm3d", "5D", " and spatial dimensions", "``(N, C, D, H, W)``",
+                   "20, 100, 35, 45, 10")
+    _dims = (5,)
+    _shape_doc = "(N, C, D, H, W)"

@@ -1,0 +1,223 @@
+"""The op boundary: ``torch.library`` custom ops, their fake kernels and their autograd.
+
+``torch.compile`` sees each op as one opaque node (no graph break); eager calls dispatch to the
+backend chosen by :func:`batchnorm.kernels.select` for the (canonical) input.
+
+- ``batchnorm::forward`` — functional: ``(y, mean, rstd, var)``; in eval the statistics are the
+  running ones it was given. Differentiable in ``x``, ``weight``, ``bias``, ``residual``.
+- ``batchnorm::backward`` — the single-pass backward of a backend. Under ``create_graph=True``
+  (double backward) the registered formula instead recomputes the forward with plain
+  differentiable PyTorch ops and differentiates that, so every higher derivative is exact.
+- ``batchnorm::update_running_stats`` — mutates the running statistics in place, skipping (and
+  counting) a batch whose statistics are not finite, with no host synchronization.
+
+Custom ops may not return ``None``: gradients that were not asked for come back as empty
+tensors and are turned into ``None`` here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import stats as S
+from .activations import act_forward
+from .kernels import select
+
+__all__ = ["forward", "backward", "update_running_stats"]
+
+_NONE = torch.empty(0)
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return S.accumulation_dtype(x.dtype)
+
+
+@torch.library.custom_op("batchnorm::forward", mutates_args=())
+def forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
+    act: str,
+    slope: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    backend = select(x)
+    if training:
+        y, mean, rstd, var = backend.forward_train(x, weight, bias, residual, eps, act, slope)
+        return y, mean, rstd, var
+    assert running_mean is not None and running_var is not None
+    acc = _stat_dtype(x)
+    mean = running_mean.to(acc, copy=True)
+    var = running_var.to(acc, copy=True)
+    rstd = S.rstd_from_var(var, eps)
+    y = backend.forward_eval(x, weight, bias, residual, mean, rstd, act, slope)
+    return y, mean, rstd, var
+
+
+@forward.register_fake
+def _forward_fake(x, weight, bias, residual, running_mean, running_var, training, eps, act, slope):
+    c = x.shape[1]
+    acc = _stat_dtype(x)
+    stat = lambda: x.new_empty((c,), dtype=acc)  # noqa: E731
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stat(), stat(), stat()
+
+
+@torch.library.custom_op("batchnorm::backward", mutates_args=())
+def backward(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    mean: Tensor,
+    rstd: Tensor,
+    training: bool,
+    act: str,
+    slope: float,
+    need_dx: bool,
+    need_dweight: bool,
+    need_dbias: bool,
+    need_dres: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dx, dw, db, dr = select(x).backward(
+        grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
+        need_dx, need_dweight and weight is not None, need_dbias and bias is not None, need_dres,
+    )
+    empty = x.new_empty((0,))
+    return (
+        dx if dx is not None else empty,
+        dw if dw is not None else empty.clone(),
+        db if db is not None else empty.clone(),
+        dr if dr is not None else empty.clone(),
+    )
+
+
+@backward.register_fake
+def _backward_fake(grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
+                   need_dx, need_dweight, need_dbias, need_dres):
+    def like(t: Tensor | None, need: bool) -> Tensor:
+        if need and t is not None:
+            return torch.empty_like(t, memory_format=torch.contiguous_format)
+        return x.new_empty((0,))
+
+    return (like(x, need_dx), like(weight, need_dweight), like(bias, need_dbias),
+            like(x, need_dres))
+
+
+def _setup_forward(ctx, inputs, output):
+    x, weight, bias, residual, _rm, _rv, training, eps, act, slope = inputs
+    _y, mean, rstd, var = output
+    # The residual is needed again only to recompute a non-linear activation's argument.
+    keep_residual = residual if act != "none" else None
+    ctx.save_for_backward(x, weight, bias, keep_residual, mean, rstd)
+    ctx.training, ctx.eps, ctx.act, ctx.slope = training, eps, act, slope
+    ctx.mark_non_differentiable(mean, rstd, var)
+
+
+def _composite_forward(x, weight, bias, residual, mean, rstd, training, eps, act, slope):
+    """The forward in plain differentiable ops (batch statistics recomputed from ``x``)."""
+    acc = mean.dtype
+    xf = x.to(acc)
+    shape = (1, -1, 1) if x.dim() == 3 else (1, -1)
+    if training:
+        dims = (0, 2) if x.dim() == 3 else (0,)
+        m = xf.mean(dims, keepdim=True)
+        r = torch.rsqrt((xf - m).square().mean(dims, keepdim=True) + eps)
+    else:
+        m, r = mean.view(shape), rstd.view(shape)
+    pre = (xf - m) * r
+    if weight is not None:
+        pre = pre * weight.to(acc).view(shape)
+    if bias is not None:
+        pre = pre + bias.to(acc).view(shape)
+    if residual is not None:
+        pre = pre + residual.to(acc)
+    return act_forward(pre, act, slope).to(x.dtype)
+
+
+def _backward_formula(ctx, grad_y, _gmean, _grstd, _gvar):
+    x, weight, bias, residual, mean, rstd = ctx.saved_tensors
+    need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
+    rest = (None,) * 6
+    if torch.is_grad_enabled():
+        # create_graph=True: differentiate a differentiable recomputation.
+        wanted = [(i, t) for i, t in enumerate((x, weight, bias)) if t is not None
+                  and ctx.needs_input_grad[i]]
+        y = _composite_forward(x, weight, bias, residual, mean, rstd, ctx.training, ctx.eps,
+                               ctx.act, ctx.slope)
+        out: list[Tensor | None] = [None, None, None, None]
+        targets = [t for _, t in wanted]
+        if need_dr:
+            if residual is None:  # linear in the residual: dres = dy
+                out[3] = grad_y
+            else:
+                residual_leaf = residual
+                targets.append(residual_leaf)
+        if targets:
+            grads = torch.autograd.grad(y, targets, grad_y, create_graph=True, allow_unused=True)
+            for (i, _), g in zip(wanted, grads[: len(wanted)], strict=True):
+                out[i] = g
+            if need_dr and residual is not None:
+                out[3] = grads[-1]
+        return (*out, *rest)
+    dx, dw, db, dr = backward(
+        grad_y.contiguous(), x, weight, bias, residual, mean, rstd, ctx.training, ctx.act,
+        ctx.slope, need_dx, need_dw, need_db, need_dr,
+    )
+    return (
+        dx if need_dx else None,
+        dw if need_dw and weight is not None else None,
+        db if need_db and bias is not None else None,
+        dr if need_dr else None,
+        *rest,
+    )
+
+
+torch.library.register_autograd(
+    "batchnorm::forward", _backward_formula, setup_context=_setup_forward
+)
+
+
+@torch.library.custom_op(
+    "batchnorm::update_running_stats",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked", "num_batches_skipped"),
+)
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None,
+    mean: Tensor,
+    var_unbiased: Tensor,
+    momentum: float,
+    cumulative: bool,
+) -> Tensor:
+    """Blend batch statistics into the running ones; returns whether the batch was finite.
+
+    ``cumulative`` (``momentum=None`` in the modules) uses ``1 / num_batches_tracked`` as the
+    factor, counting only the batches that were applied.
+    """
+    ok = torch.isfinite(mean).all() & torch.isfinite(var_unbiased).all()
+    work = torch.float64 if running_mean.device.type != "mps" else torch.float32
+    factor: Tensor | float = momentum
+    if num_batches_tracked is not None:
+        tracked = num_batches_tracked + ok.to(num_batches_tracked.dtype)
+        if cumulative:
+            factor = 1.0 / tracked.clamp(min=1).to(work)
+        num_batches_tracked.copy_(tracked)
+    if num_batches_skipped is not None:
+        num_batches_skipped.add_((~ok).to(num_batches_skipped.dtype))
+    running_mean.copy_(S.update_running(running_mean, mean.to(work), factor, ok))
+    running_var.copy_(S.update_running(running_var, var_unbiased.to(work), factor, ok))
+    return ok.clone()
+
+
+@update_running_stats.register_fake
+def _update_fake(running_mean, running_var, num_batches_tracked, num_batches_skipped, mean,
+                 var_unbiased, momentum, cumulative):
+    return torch.empty((), dtype=torch.bool, device=mean.device)

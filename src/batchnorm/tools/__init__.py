@@ -1,0 +1,5 @@
+"""Tools around batch normalization."""
+
+from .convert import convert_model
+
+__all__ = ["convert_model"]
