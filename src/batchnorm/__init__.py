@@ -26,3 +26,9 @@ __all__ = [
     "stats",
     "__version__",
 ]
+
+# Feature areas add their public names below, one block each (import, then ``__all__ +=``).
+# [variants]
+# [tools]
+# [distributed]
+# [cli]

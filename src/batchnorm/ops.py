@@ -88,13 +88,18 @@ def backward(
         grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
         need_dx, need_dweight and weight is not None, need_dbias and bias is not None, need_dres,
     )
-    empty = x.new_empty((0,))
-    return (
-        dx if dx is not None else empty,
-        dw if dw is not None else empty.clone(),
-        db if db is not None else empty.clone(),
-        dr if dr is not None else empty.clone(),
-    )
+    inputs = [t for t in (grad_y, x, weight, bias, residual, mean, rstd) if t is not None]
+    return tuple(_fresh(t, inputs, x) for t in (dx, dw, db, dr))  # type: ignore[return-value]
+
+
+def _fresh(t: Tensor | None, inputs: list[Tensor], like: Tensor) -> Tensor:
+    """An op output that aliases no input (a backend may return ``dy`` itself as ``dres``)."""
+    if t is None:
+        return like.new_empty((0,))
+    ptr = t.untyped_storage().data_ptr()
+    if t.numel() and any(i.numel() and i.untyped_storage().data_ptr() == ptr for i in inputs):
+        return t.clone()
+    return t
 
 
 @backward.register_fake
