@@ -184,7 +184,7 @@ def check_channel_tensor(name: str, t: object, input: Tensor) -> None:
         )
     if t.device != input.device:
         raise BatchNormValueError(
-            f"{name}: expected a tensor on {input.device} like input, got one on {t.device}"
+            f"{name}: expected a tensor on device {input.device} like input, got device {t.device}"
         )
     allowed = {input.dtype, torch.float32} if input.dtype in _HALF else {input.dtype}
     if t.dtype not in allowed:
@@ -247,7 +247,7 @@ def check_arguments(
             )
         if residual.device != x.device:
             raise BatchNormValueError(
-                f"residual: expected a tensor on {x.device} like input, got one on "
+                f"residual: expected a tensor on device {x.device} like input, got device "
                 f"{residual.device}"
             )
         if residual.dtype != x.dtype:
