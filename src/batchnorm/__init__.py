@@ -28,7 +28,16 @@ __all__ = [
 ]
 
 # Feature areas add their public names below, one block each (import, then ``__all__ +=``).
-# [variants]
+from .nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d  # noqa: E402
+from .nn.recurrent import BNLSTM, BNLSTMCell  # noqa: E402
+from .nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d  # noqa: E402
+
+__all__ += [
+    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
+    "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
+    "BNLSTMCell", "BNLSTM",
+]
+# [/variants]
 # [tools]
 # [distributed]
 # [cli]

@@ -1,0 +1,59 @@
+"""Small pieces the variant modules share: running-statistics update from given batch statistics,
+and the checks of their extra constructor arguments.
+
+The variants that compute their own batch statistics (ghost, masked) hand them here; the update
+itself is :func:`batchnorm.ops.update_running_stats` (with its non-finite skip), the Bessel
+correction :func:`batchnorm.stats.unbiased_var`: no statistics math lives in this file.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .. import ops
+from .. import stats as S
+from ..functional import _warn_skipped
+
+
+def update_running(module: _BatchNorm, mean: Tensor, var: Tensor, count: int | Tensor,
+                   device: torch.device) -> None:
+    """Blend a batch's ``mean`` and *biased* ``var`` (over ``count`` values) into ``module``'s
+    running statistics, as :func:`batchnorm.functional.batch_norm_impl` does for plain BN."""
+    running_mean, running_var = module.running_mean, module.running_var
+    if running_mean is None or running_var is None:
+        return
+    skipped: Tensor | None = getattr(module, "num_batches_skipped", None)
+    ok = ops.update_running_stats(
+        running_mean, running_var, module.num_batches_tracked, skipped,
+        mean, S.unbiased_var(var, count),
+        0.0 if module.momentum is None else float(module.momentum), module.momentum is None,
+    )
+    if device.type == "cpu" and not torch.compiler.is_compiling() and not ok:
+        name = getattr(module, "layer_name", None) or type(module).__name__
+        _warn_skipped(name, skipped)
+
+
+def check_real(name: str, value: object, *, minimum: float, inclusive: bool = True) -> float:
+    """A finite real number ``>= minimum`` (``> minimum`` when not ``inclusive``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    bad = v < minimum if inclusive else v <= minimum
+    if not math.isfinite(v) or bad:
+        rel = ">=" if inclusive else ">"
+        raise ValueError(f"{name}: expected a finite number {rel} {minimum}, got {value!r}")
+    return v
+
+
+def check_int(name: str, value: object, *, minimum: int) -> int:
+    """An ``int`` (not a bool) ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return int(value)
