@@ -17,7 +17,7 @@ from tests.oracle import ACTIVATIONS
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_gradcheck_and_gradgradcheck(training, activation, channels_last):
+def test_gradcheck_and_gradgradcheck(backend, training, activation, channels_last):
     kw = dict(dtype=torch.float64)
     x = torch.randn(3, 2, 2, 3, **kw)
     if channels_last:
@@ -48,7 +48,7 @@ def _net(**kw):
     )
 
 
-def test_compile_fullgraph_matches_eager():
+def test_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
     model = _net()
     eager = copy.deepcopy(model)

@@ -36,7 +36,7 @@ def test_bad_batch_is_skipped_counted_and_reported(backend, bad, momentum):
     assert m.num_batches_tracked.item() == ref.num_batches_tracked.item() == 2
 
 
-def test_overflowing_variance_is_skipped():
+def test_overflowing_variance_is_skipped(backend):
     m = batchnorm.BatchNorm1d(2)
     x = torch.tensor([[3e38, 0.0], [-3e38, 1.0], [3e38, 2.0]])
     with pytest.warns(NonFiniteBatchWarning):
@@ -45,7 +45,7 @@ def test_overflowing_variance_is_skipped():
     assert m.num_batches_tracked.item() == 0
 
 
-def test_default_name_and_functional_warning():
+def test_default_name_and_functional_warning(backend):
     m = batchnorm.BatchNorm1d(2)
     with pytest.warns(NonFiniteBatchWarning, match=r"BatchNorm1d\(2\)"):
         m(torch.tensor([[float("nan"), 0.0], [1.0, 1.0]]))

@@ -37,6 +37,7 @@ __all__ = [
     "Partials",
     "accumulation_dtype",
     "channel_partials",
+    "centered_partials",
     "merge",
     "merge_many",
     "finalize",
@@ -60,13 +61,16 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def channel_partials(x: Tensor) -> Partials:
-    """Partials of a canonical tensor: channels-first ``(N, C, S)`` or channels-last ``(M, C)``.
+def centered_partials(x: Tensor) -> tuple[Partials, Tensor]:
+    """Partials of a canonical tensor, and ``x - mean`` computed without cancellation.
 
-    The sum is taken of ``x - K`` where ``K`` is one sample of the channel (a *shifted* sum):
-    the shifted values are of the order of the standard deviation, so the rounding error of
-    the mean is that of one final addition, not of ``log n`` additions of ``|mean|``-sized
-    terms. ``m2`` is then a second pass over ``x - mean``.
+    ``x`` is channels-first ``(N, C, S)`` or channels-last ``(M, C)``. The sum is taken of
+    ``x - K`` where ``K`` is one sample of the channel (a *shifted* sum): ``x - K`` is exact when
+    ``|mean| ≫ std`` (Sterbenz) and of the order of the standard deviation, so
+    ``δ = Σ(x - K)/n`` is accurate and ``(x - K) - δ`` is ``x - mean`` to one rounding at the
+    scale of the deviation — better than ``x - round(mean)``, whose error is half an ulp of
+    ``|mean|``. ``mean = K + δ``; ``m2 = Σ((x - K) - δ)²``. The centered tensor is returned in
+    the accumulation dtype, in ``x``'s canonical shape.
     """
     acc = accumulation_dtype(x.dtype)
     dims: tuple[int, ...] = (0, 2) if x.dim() == 3 else (0,)
@@ -75,13 +79,20 @@ def channel_partials(x: Tensor) -> Partials:
     count = torch.tensor(float(n), dtype=acc, device=x.device)
     if n == 0:
         zeros = torch.zeros(c, dtype=acc, device=x.device)
-        return Partials(count, zeros, zeros.clone())
+        return Partials(count, zeros, zeros.clone()), x.to(acc)
     xf = x.to(acc)
     shift = xf[0, :, 0] if x.dim() == 3 else xf[0, :]
     shape = (1, c, 1) if x.dim() == 3 else (1, c)
-    mean = shift + (xf - shift.view(shape)).sum(dims) / n
-    m2 = (xf - mean.view(shape)).square().sum(dims)
-    return Partials(count, mean, m2)
+    shifted = xf - shift.view(shape)
+    delta = shifted.sum(dims) / n
+    centered = shifted - delta.view(shape)
+    m2 = centered.square().sum(dims)
+    return Partials(count, shift + delta, m2), centered
+
+
+def channel_partials(x: Tensor) -> Partials:
+    """Per-channel partials ``(n, mean, m2)`` of a canonical tensor (see centered_partials)."""
+    return centered_partials(x)[0]
 
 
 def merge(a: Partials, b: Partials) -> Partials:

@@ -38,6 +38,18 @@ class ReferenceBackend(Backend):
     def stats(self, x: Tensor) -> S.Partials:
         return S.channel_partials(x)
 
+    def forward_train(self, x, weight, bias, residual, eps, act, slope):
+        # Normalize the centered tensor itself rather than x - round(mean): see
+        # stats.centered_partials (exact to one rounding when |mean| >> std).
+        partials, centered = S.centered_partials(x)
+        mean, var, rstd = S.finalize(partials, eps)
+        pre = centered * _bcast(S.scale_of(rstd, weight), x)
+        if bias is not None:
+            pre = pre + _bcast(bias.to(mean.dtype), x)
+        if residual is not None:
+            pre = pre + residual.to(mean.dtype)
+        return act_forward(pre, act, slope).to(x.dtype), mean, rstd, var
+
     def apply(self, x, mean, scale, shift, residual, act, slope):
         pre = self._pre(x, mean, scale, shift, residual)
         return act_forward(pre, act, slope).to(x.dtype)
