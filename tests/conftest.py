@@ -24,7 +24,8 @@ ALL_BACKENDS = ("reference", "cpu", "triton")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--backend", default=None, help="run backend-parametrized tests on one backend")
+    parser.addoption("--backend", default=None,
+                     help="run backend-parametrized tests on one backend")
 
 
 def _chosen(config: pytest.Config) -> list[str]:

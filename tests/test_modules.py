@@ -161,7 +161,8 @@ def test_deepcopy_and_pickle_keep_behaviour():
     torch.testing.assert_close(m2(x), m3(x))
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 5), c=st.integers(1, 5), s=st.integers(1, 6),
     scale=st.sampled_from([1e-3, 1.0, 1e3]), offset=st.sampled_from([0.0, 10.0, -1e3]),
