@@ -38,6 +38,9 @@ __all__ += [
     "BNLSTMCell", "BNLSTM",
 ]
 # [/variants]
-# [tools]
+from .tools import ActivationMonitor, FoldReport, export_onnx, export_program, fold, recalibrate  # noqa: E402,E501
+
+__all__ += ["ActivationMonitor", "FoldReport", "export_onnx", "export_program", "fold",
+            "recalibrate"]
 # [distributed]
 # [cli]

@@ -1,5 +1,21 @@
-"""Tools around batch normalization."""
+"""Tools around batch normalization: convert, fold, recalibrate, monitor, export."""
 
-from .convert import convert_model
+from .convert import convert_model, register_conversion
+from .export import export_onnx, export_program, onnx_translations
+from .fold import FoldedEpilogue, FoldReport, fold, is_batch_norm
+from .monitor import ActivationMonitor
+from .recalibrate import recalibrate
 
-__all__ = ["convert_model"]
+__all__ = [
+    "ActivationMonitor",
+    "FoldReport",
+    "FoldedEpilogue",
+    "convert_model",
+    "export_onnx",
+    "export_program",
+    "fold",
+    "is_batch_norm",
+    "onnx_translations",
+    "recalibrate",
+    "register_conversion",
+]

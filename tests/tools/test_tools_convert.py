@@ -1,0 +1,113 @@
+"""convert_model extensions: SyncBatchNorm, timm-style BatchNormAct subclasses, our variants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import batchnorm
+from batchnorm.tools import convert as C
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """Stand-in for timm's ``BatchNormAct2d``: batch norm, then ``drop``, then ``act``."""
+
+    def __init__(self, c: int, act: nn.Module | None = None, drop: nn.Module | None = None,
+                 **kwargs) -> None:
+        super().__init__(c, **kwargs)
+        self.drop = drop if drop is not None else nn.Identity()
+        self.act = act if act is not None else nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class ScaledBatchNormAct2d(BatchNormAct2d):
+    """Same attributes, different forward: converting it would change the model."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _trained(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    with torch.no_grad():
+        model.train()(x)
+    return model
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.3), nn.SiLU(), nn.GELU(),
+                                 nn.Identity()])
+def test_batchnorm_act_converted_with_fused_activation(act):
+    x = torch.randn(4, 3, 5, 5)
+    model = _trained(nn.Sequential(nn.Conv2d(3, 3, 1), BatchNormAct2d(3, act=act)), x)
+    params = [id(p) for p in model.parameters()]
+    model.eval()
+    expected = model(x)
+    out = batchnorm.convert_model(model)
+    assert type(out[1]) is batchnorm.BatchNorm2d
+    assert C.parse_activation(out[1].activation) == C.parse_activation(act)
+    assert [id(p) for p in out.parameters()] == params
+    torch.testing.assert_close(out(x), expected)
+    # and the training step does the same thing too (output and running statistics)
+    ref = _trained(nn.Sequential(nn.Conv2d(3, 3, 1), BatchNormAct2d(3, act=act)), x)
+    ref.load_state_dict(out.state_dict())
+    torch.testing.assert_close(out.train()(x), ref.train()(x))
+    torch.testing.assert_close(out[1].running_var, ref[1].running_var)
+
+
+@pytest.mark.parametrize("layer, message", [
+    (BatchNormAct2d(3, act=nn.Tanh()), "not one we fuse"),
+    (BatchNormAct2d(3, drop=nn.Dropout(0.2)), "drop module"),
+    (ScaledBatchNormAct2d(3), "does not reproduce"),
+])
+def test_batchnorm_act_refused_and_model_unchanged(layer, message):
+    model = nn.Sequential(nn.BatchNorm2d(3), layer)
+    with pytest.raises(ValueError, match=message):
+        batchnorm.convert_model(model)
+    assert type(model[0]) is nn.BatchNorm2d and model[1] is layer
+
+
+def test_batchnorm_act_with_extra_submodule_refused():
+    layer = BatchNormAct2d(3)
+    layer.attn = nn.Conv2d(3, 3, 1)
+    with pytest.raises(ValueError, match="attn"):
+        batchnorm.convert_model(layer)
+
+
+def test_sync_batchnorm_to_explicit_class_or_ours():
+    x = torch.randn(4, 3, 5, 5)
+    sync = _trained(nn.SyncBatchNorm(3, momentum=0.2), x).eval()
+    expected = sync(x)
+    plain = batchnorm.convert_model(nn.Sequential(sync), sync_to=batchnorm.BatchNorm2d)
+    assert type(plain[0]) is batchnorm.BatchNorm2d and plain[0].momentum == 0.2
+    assert plain[0].running_mean is sync.running_mean
+    torch.testing.assert_close(plain(x), expected)
+    ours = batchnorm.convert_model(nn.SyncBatchNorm(3))
+    assert isinstance(ours, batchnorm.SyncBatchNorm)
+
+
+def test_sync_batchnorm_refused_without_registered_conversion(monkeypatch):
+    monkeypatch.setattr(C, "_OPTIONAL_MODULES", ())
+    monkeypatch.setitem(C._CONVERTERS, "batchnorm", {})
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.SyncBatchNorm(3))
+    with pytest.raises(ValueError, match="sync_to"):
+        batchnorm.convert_model(model)
+    assert type(model[0]) is nn.BatchNorm2d
+
+
+def test_our_variants():
+    ghost = batchnorm.GhostBatchNorm2d(4, virtual_batch_size=2)
+    model = nn.Sequential(nn.BatchNorm2d(4), ghost)
+    out = batchnorm.convert_model(model)  # already ours: left as it is
+    assert out[1] is ghost and type(out[0]) is batchnorm.BatchNorm2d
+    with pytest.raises(ValueError, match="no PyTorch counterpart"):
+        batchnorm.convert_model(out, "torch")
+    assert type(out[0]) is batchnorm.BatchNorm2d
+
+
+def test_bad_sync_to():
+    with pytest.raises(TypeError, match="sync_to"):
+        batchnorm.convert_model(nn.Identity(), sync_to=nn.BatchNorm2d)
+    with pytest.raises(ValueError, match="sync_to"):
+        batchnorm.convert_model(nn.Identity(), "torch", sync_to=batchnorm.BatchNorm2d)
