@@ -1,0 +1,488 @@
+"""The Triton backend: fused batch-norm kernels for CUDA tensors (CPU tensors in the interpreter).
+
+One kernel family covers both canonical layouts by viewing every input as ``(R, C, S)``:
+channels-first ``(N, C, S)`` is itself, channels-last ``(M, C)`` is ``(M, C, 1)``. A program
+works on a tile ``(BLOCK_R, BLOCK_C, BLOCK_S)``; for channels-last ``BLOCK_S = 1`` and the tile
+reads ``BLOCK_C`` contiguous channels of ``BLOCK_R`` rows (a column reduction in row blocks),
+for channels-first it reads contiguous runs of ``S``. Per-channel results reduce axes 0 and 2.
+
+Two strategies, chosen by size (``persistent_max``, overridable per instance):
+
+- **persistent** — the whole channel slab ``R x S`` (padded to powers of two) fits one tile:
+  one program per channel block reads ``x`` once, computes the statistics in registers and
+  writes ``y`` once (backward: reads ``x``, ``dy`` once, writes ``dx`` once).
+- **split** — each tile writes its partials ``(n, mean, m2)`` (backward: ``(Σg, Σg·x̂)``) into a
+  ``(K, C)`` buffer; the host merges them with :func:`batchnorm.stats.merge_many` (a few
+  torch ops, no synchronization) and an elementwise kernel applies the result.
+
+The math is that of :mod:`batchnorm.stats` and :mod:`batchnorm.kernels.base`::
+
+    tile partials:  n = #valid, mean = K + Σ(x - K)/n, m2 = Σ(x - mean)²
+                    (K: the tile's first element, a shift that keeps the sum well conditioned)
+    finalize:       var = m2/n, rstd = 1/sqrt(var + eps), scale = γ·rstd
+    forward:        y = act((x - mean)·scale + β [+ residual])
+    backward:       g = dy·act'(pre), x̂ = (x - mean)·rstd, Σg, Σg·x̂,
+                    dx = scale·(g - Σg/n - x̂·Σg·x̂/n) (training), dx = scale·g (eval), dres = g
+
+Accumulation is float32 for float32/float16/bfloat16 input; float64 input is left to the
+reference backend (``supports`` returns False). No float atomics and no autotuning: block sizes
+are a function of the shape alone, so a given input gives bitwise the same result on every
+run. Nothing here synchronizes with the host (CUDA-graph safe), and no kernel has a side
+effect beyond its outputs (the running statistics are updated by a separate op).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from batchnorm import stats as S
+from batchnorm.kernels.base import Backend
+
+__all__ = ["TritonBackend", "BACKEND"]
+
+_ACT = {"none": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INV_SQRT2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers
+
+
+@triton.jit
+def _act_fwd(p, slope, ACT: tl.constexpr):
+    """act(p); NaN propagates as in PyTorch (relu keeps a NaN, it does not clamp it to 0)."""
+    y = p
+    if ACT == 1:
+        y = tl.where(p < 0.0, 0.0, p)
+    elif ACT == 2:
+        y = tl.where(p > 0.0, p, p * slope)
+    elif ACT == 3:
+        y = p * tl.sigmoid(p)
+    elif ACT == 4:
+        y = 0.5 * p * (1.0 + tl.math.erf(p * _INV_SQRT2))
+    return y
+
+
+@triton.jit
+def _act_grad(p, slope, ACT: tl.constexpr):
+    """act'(p), as in :func:`batchnorm.activations.act_grad` (leaky: slope at 0)."""
+    d = tl.full(p.shape, 1.0, tl.float32)
+    if ACT == 1:
+        d = tl.where(p > 0.0, 1.0, 0.0)
+    elif ACT == 2:
+        d = tl.where(p > 0.0, 1.0, slope)
+    elif ACT == 3:
+        sg = tl.sigmoid(p)
+        d = sg * (1.0 + p * (1.0 - sg))
+    elif ACT == 4:
+        cdf = 0.5 * (1.0 + tl.math.erf(p * _INV_SQRT2))
+        d = cdf + p * tl.exp(-0.5 * p * p) * _INV_SQRT_2PI
+    return d
+
+
+@triton.jit
+def _tile(pid, R, C, S, stride_r, stride_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+          BLOCK_S: tl.constexpr, INT64: tl.constexpr):
+    """Tile ``pid`` of the 1-D grid: ``(offsets, mask)`` of shape (BR, BC, BS), its channels
+    ``cols`` (BC,) with their mask, its chunk index ``k`` and the offset of its first element."""
+    n_cb = tl.cdiv(C, BLOCK_C)
+    n_sb = tl.cdiv(S, BLOCK_S)
+    pid_c = pid % n_cb
+    k = pid // n_cb
+    r0 = (k // n_sb) * BLOCK_R
+    s0 = (k % n_sb) * BLOCK_S
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    if INT64:  # more than 2**31 elements: 32-bit offsets would wrap
+        r0 = r0.to(tl.int64)
+        cols = cols.to(tl.int64)
+    rows = r0 + tl.arange(0, BLOCK_R)
+    sp = s0 + tl.arange(0, BLOCK_S)
+    r3 = rows[:, None, None]
+    c3 = cols[None, :, None]
+    s3 = sp[None, None, :]
+    mask = (r3 < R) & (c3 < C) & (s3 < S)
+    offs = r3 * stride_r + c3 * stride_c + s3
+    first = r0 * stride_r + cols * stride_c + s0  # (BC,): the tile's first element per channel
+    return offs, mask, cols, cols < C, k, first
+
+
+@triton.jit
+def _sum3(t):
+    """Per-channel sum of a (BR, BC, BS) tile."""
+    return tl.sum(tl.sum(t, axis=2), axis=0)
+
+
+@triton.jit
+def _pre(xc, scale, b_ptr, res_ptr, cols, cmask, offs, mask,
+         HAS_B: tl.constexpr, HAS_RES: tl.constexpr):
+    """pre = (x - mean)·scale + β + residual, from ``xc = x - mean``."""
+    pre = xc * scale[None, :, None]
+    if HAS_B:
+        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        pre += b[None, :, None]
+    if HAS_RES:
+        pre += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return pre
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels. Pointers: x, residual, y, dy, dx, dres (R, C, S) contiguous (channels-last: S = 1);
+# w, b (C,) any float dtype; mean, rstd, var, scale, shift, a, b-coefficients (C,) float32;
+# partial buffers (K, C) float32 with K the number of chunks per channel.
+
+
+@triton.jit
+def _fwd_persistent_kernel(
+    x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, mean_ptr, rstd_ptr, var_ptr,
+    R, C, S, stride_r, stride_c, n, eps, slope,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    offs, mask, cols, cmask, _k, first = _tile(
+        tl.program_id(0), R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(x_ptr + first, mask=cmask, other=0.0).to(tl.float32)
+    mean = shift + _sum3(tl.where(mask, x - shift[None, :, None], 0.0)) / n
+    xc = tl.where(mask, x - mean[None, :, None], 0.0)
+    var = _sum3(xc * xc) / n
+    rstd = 1.0 / tl.sqrt(var + eps)
+    scale = rstd
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    pre = _pre(xc, scale, b_ptr, res_ptr, cols, cmask, offs, mask, HAS_B, HAS_RES)
+    y = _act_fwd(pre, slope, ACT)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + cols, mean, mask=cmask)
+    tl.store(rstd_ptr + cols, rstd, mask=cmask)
+    tl.store(var_ptr + cols, var, mask=cmask)
+
+
+@triton.jit
+def _partials_kernel(
+    x_ptr, n_ptr, mean_ptr, m2_ptr, R, C, S, stride_r, stride_c,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    offs, mask, cols, cmask, k, first = _tile(
+        tl.program_id(0), R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(x_ptr + first, mask=cmask, other=0.0).to(tl.float32)
+    cnt = _sum3(mask.to(tl.float32))
+    mean = shift + _sum3(tl.where(mask, x - shift[None, :, None], 0.0)) / tl.maximum(cnt, 1.0)
+    xc = tl.where(mask, x - mean[None, :, None], 0.0)
+    out = k * C + cols
+    tl.store(n_ptr + out, cnt, mask=cmask)
+    tl.store(mean_ptr + out, mean, mask=cmask)
+    tl.store(m2_ptr + out, _sum3(xc * xc), mask=cmask)
+
+
+@triton.jit
+def _apply_kernel(
+    x_ptr, mean_ptr, scale_ptr, b_ptr, res_ptr, y_ptr, R, C, S, stride_r, stride_c, slope,
+    HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    offs, mask, cols, cmask, _k, _first = _tile(
+        tl.program_id(0), R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0)
+    pre = _pre(x - mean[None, :, None], scale, b_ptr, res_ptr, cols, cmask, offs, mask,
+               HAS_B, HAS_RES)
+    y = _act_fwd(pre, slope, ACT)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_and_xhat(x_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, b_ptr, res_ptr,
+                   offs, mask, cols, cmask, slope,
+                   HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr):
+    """``(g, x̂, scale)`` of a tile; masked lanes of g and x̂ are 0."""
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0)
+    scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0)
+    xc = tl.where(mask, x - mean[None, :, None], 0.0)
+    if ACT != 0:
+        pre = _pre(xc, scale, b_ptr, res_ptr, cols, cmask, offs, mask, HAS_B, HAS_RES)
+        g = g * _act_grad(pre, slope, ACT)
+    g = tl.where(mask, g, 0.0)
+    return g, xc * rstd[None, :, None], scale
+
+
+@triton.jit
+def _bwd_persistent_kernel(
+    x_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, b_ptr, res_ptr, dx_ptr, dres_ptr,
+    sum_g_ptr, sum_gx_ptr, R, C, S, stride_r, stride_c, n, slope,
+    HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    TRAINING: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    offs, mask, cols, cmask, _k, _first = _tile(
+        tl.program_id(0), R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64)
+    g, xhat, scale = _grad_and_xhat(x_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, b_ptr, res_ptr,
+                                    offs, mask, cols, cmask, slope, HAS_B, HAS_RES, ACT)
+    sum_g = _sum3(g)
+    sum_gx = _sum3(g * xhat)
+    tl.store(sum_g_ptr + cols, sum_g, mask=cmask)
+    tl.store(sum_gx_ptr + cols, sum_gx, mask=cmask)
+    if NEED_DX:
+        if TRAINING:
+            a = sum_g / n
+            bb = sum_gx / n
+            dx = (g - a[None, :, None] - xhat * bb[None, :, None]) * scale[None, :, None]
+        else:
+            dx = g * scale[None, :, None]
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if NEED_DRES:
+        tl.store(dres_ptr + offs, g.to(dres_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_reduce_kernel(
+    x_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, b_ptr, res_ptr, sum_g_ptr, sum_gx_ptr,
+    R, C, S, stride_r, stride_c, slope,
+    HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    offs, mask, cols, cmask, k, _first = _tile(
+        tl.program_id(0), R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64)
+    g, xhat, _scale = _grad_and_xhat(x_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, b_ptr, res_ptr,
+                                     offs, mask, cols, cmask, slope, HAS_B, HAS_RES, ACT)
+    out = k * C + cols
+    tl.store(sum_g_ptr + out, _sum3(g), mask=cmask)
+    tl.store(sum_gx_ptr + out, _sum3(g * xhat), mask=cmask)
+
+
+@triton.jit
+def _bwd_apply_kernel(
+    x_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, b_ptr, res_ptr, a_ptr, bb_ptr,
+    dx_ptr, dres_ptr, R, C, S, stride_r, stride_c, slope,
+    HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
+):
+    offs, mask, cols, cmask, _k, _first = _tile(
+        tl.program_id(0), R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64)
+    g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0)
+    if ACT != 0 or TRAINING:
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+        xc = x - mean[None, :, None]
+        if ACT != 0:
+            pre = _pre(xc, scale, b_ptr, res_ptr, cols, cmask, offs, mask, HAS_B, HAS_RES)
+            g = g * _act_grad(pre, slope, ACT)
+    if NEED_DX:
+        if TRAINING:
+            rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0)
+            a = tl.load(a_ptr + cols, mask=cmask, other=0.0)
+            bb = tl.load(bb_ptr + cols, mask=cmask, other=0.0)
+            xhat = xc * rstd[None, :, None]
+            dx = (g - a[None, :, None] - xhat * bb[None, :, None]) * scale[None, :, None]
+        else:
+            dx = g * scale[None, :, None]
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if NEED_DRES:
+        tl.store(dres_ptr + offs, g.to(dres_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: tiling plans and the Backend
+
+
+def _interpreted() -> bool:
+    """Whether the kernels were built for Triton's CPU interpreter (decided at decoration)."""
+    return not isinstance(_apply_kernel, triton.runtime.jit.JITFunction)
+
+
+# A tile row should hold at least this many contiguous elements (channels-last: BLOCK_C
+# channels; channels-first with a small S: several channels of S each) for coalesced access.
+_ROW = 32
+
+
+class _Plan:
+    """How a canonical tensor is cut into tiles: block sizes, 1-D grid, chunks per channel."""
+
+    __slots__ = ("R", "C", "S", "stride_r", "stride_c", "blocks", "grid", "K", "num_warps")
+
+    def __init__(self, x: Tensor, block_r: int, block_c: int, block_s: int) -> None:
+        self.R, self.C, self.S = _rcs(x)
+        self.stride_r, self.stride_c = self.C * self.S, self.S
+        self.K = triton.cdiv(self.R, block_r) * triton.cdiv(self.S, block_s)
+        self.grid = (triton.cdiv(self.C, block_c) * self.K,)
+        tile = block_r * block_c * block_s
+        self.num_warps = 4 if tile <= 2048 else 8 if tile <= 8192 else 16
+        self.blocks = {
+            "BLOCK_R": block_r, "BLOCK_C": block_c, "BLOCK_S": block_s,
+            "INT64": x.numel() >= 2**31,
+        }
+
+    def dims(self) -> tuple[int, int, int, int, int]:
+        return self.R, self.C, self.S, self.stride_r, self.stride_c
+
+    @property
+    def n(self) -> float:
+        """Elements per channel (a float: kernels divide by it in float32, as stats.py does)."""
+        return float(self.R * self.S)
+
+
+def _rcs(x: Tensor) -> tuple[int, int, int]:
+    """``(R, C, S)`` of a canonical tensor; channels-last ``(M, C)`` is ``(M, C, 1)``."""
+    if x.dim() == 3:
+        return x.shape[0], x.shape[1], x.shape[2]
+    return x.shape[0], x.shape[1], 1
+
+
+def _pow2_at_most(v: int) -> int:
+    return 1 << (max(v, 1).bit_length() - 1)
+
+
+class TritonBackend(Backend):
+    """Fused Triton kernels; see the module docstring for the two strategies.
+
+    Args:
+        persistent_max: largest padded slab tile ``BLOCK_R·BLOCK_C·BLOCK_S`` (elements) that
+            one program holds on chip; larger slabs take the split strategy. 0 forces split.
+        tile: target elements per tile of the split and elementwise kernels (a power of two).
+    """
+
+    name = "triton"
+
+    def __init__(self, persistent_max: int | None = None, tile: int | None = None) -> None:
+        interp = _interpreted()
+        # On a GPU a tile of 8192 fp32 values is 32 per thread at 8 warps (backward holds x,
+        # dy and g: still inside the register file). The interpreter runs each program as
+        # numpy calls, so there fewer, larger programs are faster.
+        self.persistent_max = (1 << 16 if interp else 8192) if persistent_max is None \
+            else persistent_max
+        self.tile = (1 << 14 if interp else 4096) if tile is None else tile
+
+    # -- capability ---------------------------------------------------------------------------
+    def available(self) -> bool:
+        return _interpreted() or torch.cuda.is_available()
+
+    def supports(self, x: Tensor) -> bool:
+        if x.dtype not in _DTYPES or x.dim() not in (2, 3) or not x.is_contiguous():
+            return False
+        if x.device.type == "cuda":
+            return True
+        return x.device.type == "cpu" and _interpreted()
+
+    # -- plans ----------------------------------------------------------------------------------
+    def _persistent(self, x: Tensor) -> _Plan | None:
+        """One program per channel block holding the whole slab, or None if it does not fit."""
+        r, c, s = _rcs(x)
+        br, bs = triton.next_power_of_2(r), triton.next_power_of_2(s)
+        if br * bs > self.persistent_max:
+            return None
+        bc = min(triton.next_power_of_2(c), max(1, _ROW // bs),
+                 _pow2_at_most(self.persistent_max // (br * bs)))
+        return _Plan(x, br, bc, bs)
+
+    def _split(self, x: Tensor) -> _Plan:
+        r, c, s = _rcs(x)
+        tile = max(self.tile, 1)
+        bs = min(triton.next_power_of_2(s), _pow2_at_most(tile))
+        bc = min(triton.next_power_of_2(c), max(1, _ROW // bs))
+        br = min(triton.next_power_of_2(r), max(1, _pow2_at_most(tile // (bs * bc))))
+        return _Plan(x, br, bc, bs)
+
+    # -- primitives -----------------------------------------------------------------------------
+    def stats(self, x: Tensor) -> S.Partials:
+        plan = self._persistent(x) or self._split(x)
+        acc = S.accumulation_dtype(x.dtype)
+        n, mean, m2 = (x.new_empty((plan.K, plan.C), dtype=acc) for _ in range(3))
+        _partials_kernel[plan.grid](x, n, mean, m2, *plan.dims(), **plan.blocks,
+                                    num_warps=plan.num_warps)
+        return S.merge_many(S.Partials(n, mean, m2))
+
+    def apply(self, x, mean, scale, shift, residual, act, slope):
+        plan = self._split(x)
+        y = torch.empty_like(x)
+        _apply_kernel[plan.grid](
+            x, mean.contiguous(), scale.contiguous(), _opt(shift), _opt(residual), y,
+            *plan.dims(), float(slope), HAS_B=shift is not None, HAS_RES=residual is not None,
+            ACT=_ACT[act], **plan.blocks, num_warps=plan.num_warps,
+        )
+        return y
+
+    def backward_reduce(self, grad_y, x, mean, rstd, scale, shift, residual, act, slope):
+        plan = self._persistent(x) or self._split(x)
+        acc = mean.dtype
+        sum_g, sum_gx = (x.new_empty((plan.K, plan.C), dtype=acc) for _ in range(2))
+        _bwd_reduce_kernel[plan.grid](
+            x, grad_y.contiguous(), mean.contiguous(), rstd.contiguous(), scale.contiguous(),
+            _opt(shift), _opt(residual), sum_g, sum_gx, *plan.dims(), float(slope),
+            HAS_B=shift is not None, HAS_RES=residual is not None, ACT=_ACT[act],
+            **plan.blocks, num_warps=plan.num_warps,
+        )
+        # (K, C) -> (C,): a fixed-order torch reduction, no atomics.
+        return sum_g.sum(0), sum_gx.sum(0)
+
+    def backward_apply(self, grad_y, x, mean, rstd, scale, shift, residual, act, slope,
+                       a, b, need_dx, need_dres):
+        plan = self._split(x)
+        dx = torch.empty_like(x) if need_dx else None
+        dres = torch.empty_like(grad_y) if need_dres else None
+        training = a is not None and b is not None
+        _bwd_apply_kernel[plan.grid](
+            x, grad_y.contiguous(), mean.contiguous(), rstd.contiguous(), scale.contiguous(),
+            _opt(shift), _opt(residual), _opt(a), _opt(b), dx, dres, *plan.dims(),
+            float(slope), HAS_B=shift is not None, HAS_RES=residual is not None,
+            ACT=_ACT[act], TRAINING=training, NEED_DX=need_dx, NEED_DRES=need_dres,
+            **plan.blocks, num_warps=plan.num_warps,
+        )
+        return dx, dres
+
+    # -- fused paths ----------------------------------------------------------------------------
+    def forward_train(self, x, weight, bias, residual, eps, act, slope):
+        plan = self._persistent(x)
+        if plan is None:  # split: partials -> stats.merge_many -> stats.finalize -> apply
+            return super().forward_train(x, weight, bias, residual, eps, act, slope)
+        acc = S.accumulation_dtype(x.dtype)
+        y = torch.empty_like(x)
+        mean, rstd, var = (x.new_empty((plan.C,), dtype=acc) for _ in range(3))
+        _fwd_persistent_kernel[plan.grid](
+            x, _opt(weight), _opt(bias), _opt(residual), y, mean, rstd, var, *plan.dims(),
+            plan.n, float(eps), float(slope), HAS_W=weight is not None,
+            HAS_B=bias is not None, HAS_RES=residual is not None, ACT=_ACT[act],
+            **plan.blocks, num_warps=plan.num_warps,
+        )
+        return y, mean, rstd, var
+
+    def backward(self, grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
+                 need_dx, need_dweight, need_dbias, need_dres):
+        plan = self._persistent(x)
+        if plan is None:  # split: reduce kernel -> (K, C).sum(0) -> apply kernel
+            return super().backward(grad_y, x, weight, bias, residual, mean, rstd, training,
+                                    act, slope, need_dx, need_dweight, need_dbias, need_dres)
+        acc = mean.dtype
+        scale = S.scale_of(rstd, weight).contiguous()
+        shift = None if bias is None else bias.to(acc)
+        sum_g, sum_gx = (x.new_empty((plan.C,), dtype=acc) for _ in range(2))
+        dx = torch.empty_like(x) if need_dx else None
+        dres = torch.empty_like(grad_y) if need_dres else None
+        _bwd_persistent_kernel[plan.grid](
+            x, grad_y.contiguous(), mean.contiguous(), rstd.contiguous(), scale, _opt(shift),
+            _opt(residual), dx, dres, sum_g, sum_gx, *plan.dims(), plan.n, float(slope),
+            HAS_B=shift is not None, HAS_RES=residual is not None, ACT=_ACT[act],
+            TRAINING=bool(training), NEED_DX=need_dx, NEED_DRES=need_dres,
+            **plan.blocks, num_warps=plan.num_warps,
+        )
+        dweight = sum_gx.to(weight.dtype) if need_dweight and weight is not None else None
+        dbias = sum_g.to(bias.dtype) if need_dbias and bias is not None else None
+        return dx, dweight, dbias, dres
+
+
+def _opt(t: Tensor | None) -> Tensor | None:
+    """An optional kernel argument: contiguous, or None (the kernel's flag keeps it unread)."""
+    return None if t is None else t.contiguous()
+
+
+BACKEND = TritonBackend()
