@@ -1,0 +1,245 @@
+"""The ``cpu`` backend: fused batch-norm kernels written in Numba (``pip install batchnorm[cpu]``).
+
+Loaded lazily by :mod:`batchnorm.kernels` (importing ``batchnorm`` never imports Numba); the
+kernels in :mod:`._kernels` compile on their first call and are cached on disk (``cache=True``).
+
+Passes over memory (channels-first ``(N, C, S)``, one channel per parallel item):
+
+- training forward: shifted sum, ``Σ(x - mean)²`` and the output are three passes over the
+  channel's slab, which stays in the L2 cache between them, so ``x`` is read from memory once;
+- backward: ``(Σg, Σg·x̂)`` then ``dx``/``dresidual`` from the same cache-resident slab.
+
+With fewer channels than ``4 × threads`` a channel is split into ``P`` chunks, whose partials are
+merged with the Chan formula of :func:`batchnorm.stats.merge_many`. Channels-last ``(M, C)`` splits
+rows into blocks (partials, merge, then an output pass: ``x`` is read twice). The split depends
+only on the shape and ``torch.get_num_threads()``, and each item writes its own slot: results are
+bitwise reproducible.
+
+Supported: CPU float32 and float64 tensors. float16/bfloat16 are left to the reference backend
+(``supports`` returns ``False``), which upcasts to float32: correct, not fast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+
+from ... import stats as S
+from ..base import Backend
+from . import _kernels as K
+
+__all__ = ["CpuBackend", "BACKEND"]
+
+_DTYPES = (torch.float32, torch.float64)
+# Split a channel into chunks only when there are fewer than this many channels per thread.
+_CHANNELS_PER_THREAD = 4
+_MIN_CHUNK = 4096  # elements; smaller chunks cost more in bookkeeping than they gain
+_BLOCK_ELEMENTS = 65536  # channels-last row block: 256 KB of float32, cache-resident per thread
+
+
+def _threads() -> int:
+    """Numba's thread count, set to agree with PyTorch's (oversubscription is slow)."""
+    limit = int(getattr(numba.config, "NUMBA_NUM_THREADS", 1))
+    t = max(1, min(torch.get_num_threads(), limit))
+    if numba.get_num_threads() != t:
+        numba.set_num_threads(t)
+    return t
+
+
+def nchw_chunks(c: int, ns: int, threads: int) -> int:
+    """Chunks per channel for channels-first input (a function of the shape and threads only)."""
+    if c >= _CHANNELS_PER_THREAD * threads or ns < 2 * _MIN_CHUNK:
+        return 1
+    return max(1, min(math.ceil(_CHANNELS_PER_THREAD * threads / c), ns // _MIN_CHUNK))
+
+
+def nhwc_blocks(m: int, c: int, threads: int) -> int:
+    """Row blocks for channels-last input (a function of the shape and threads only)."""
+    rows = max(16, _BLOCK_ELEMENTS // max(c, 1))
+    p = max(math.ceil(m / rows), min(_CHANNELS_PER_THREAD * threads, m // 16))
+    return max(1, min(p, m))
+
+
+def _np(t: Tensor) -> np.ndarray:
+    """Flat NumPy view of a contiguous CPU tensor (a copy only if it is not contiguous)."""
+    return t.detach().reshape(-1).numpy()
+
+
+class _Args:
+    """The arrays and scalars every kernel call shares, prepared once per call."""
+
+    def __init__(self, x: Tensor, residual: Tensor | None, act: str, slope: float) -> None:
+        self.x = _np(x)
+        self.dtype = self.x.dtype.type
+        self.has_res = residual is not None
+        self.r = _np(residual) if residual is not None else self.x
+        self.code = K.CODES[act]
+        self.slope = self.dtype(slope)
+        self.c = x.shape[1]
+        self.threads = _threads()
+        self.first = x.dim() == 3
+        if self.first:
+            self.n, self.s = x.shape[0], x.shape[2]
+            self.p = nchw_chunks(self.c, self.n * self.s, self.threads)
+        else:
+            self.m = x.shape[0]
+            self.p = nhwc_blocks(self.m, self.c, self.threads)
+
+    def vec(self, t: Tensor | None, default: float = 0.0) -> np.ndarray:
+        """A per-channel vector in the accumulation dtype (``default`` where ``t`` is None)."""
+        if t is None:
+            return np.full(self.c, default, dtype=self.x.dtype)
+        return _np(t.to(torch.float64 if self.x.dtype == np.float64 else torch.float32))
+
+    def partials(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per-(channel, chunk) float64 partials, item ``c*P + p``."""
+        k = self.c * self.p
+        cnt, mean, m2 = np.empty(k), np.empty(k), np.empty(k)
+        if self.first:
+            K.nchw_partials(self.x, self.n, self.c, self.s, self.p, cnt, mean, m2)
+        else:
+            K.nhwc_partials(self.x, self.m, self.c, self.p, cnt, mean, m2)
+        return cnt, mean, m2
+
+    def apply(self, y: np.ndarray, mean: np.ndarray, scale: np.ndarray,
+              shift: np.ndarray) -> None:
+        if self.first:
+            K.nchw_apply(self.x, y, self.r, self.has_res, self.n, self.c, self.s, self.p, mean,
+                         scale, shift, self.code, self.slope)
+        else:
+            K.nhwc_apply(self.x, y, self.r, self.has_res, self.m, self.c, self.p, mean, scale,
+                         shift, self.code, self.slope)
+
+    def grad_sums(self, dy: np.ndarray, mean: np.ndarray, rstd: np.ndarray, scale: np.ndarray,
+                  shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(Σg, Σg·x̂)`` per channel, chunks summed in a fixed order."""
+        k = self.c * self.p
+        sg, sgx = np.empty(k), np.empty(k)
+        if self.first:
+            K.nchw_backward_sums(dy, self.x, self.r, self.has_res, self.n, self.c, self.s,
+                                 self.p, mean, scale, shift, self.code, self.slope, sg, sgx)
+        else:
+            K.nhwc_backward_sums(dy, self.x, self.r, self.has_res, self.m, self.c, self.p,
+                                 mean, scale, shift, self.code, self.slope, sg, sgx)
+        sum_g = sg.reshape(self.c, self.p).sum(1)
+        sum_gx = sgx.reshape(self.c, self.p).sum(1) * rstd
+        return sum_g.astype(self.x.dtype), sum_gx.astype(self.x.dtype)
+
+    def grad_apply(self, dy: np.ndarray, mean: np.ndarray, rstd: np.ndarray, scale: np.ndarray,
+                   shift: np.ndarray, a: np.ndarray, b: np.ndarray, dx: np.ndarray,
+                   dres: np.ndarray, need_dx: bool, need_dres: bool) -> None:
+        if self.first:
+            K.nchw_backward_apply(dy, self.x, self.r, self.has_res, self.n, self.c, self.s,
+                                  self.p, mean, rstd, scale, shift, a, b, self.code,
+                                  self.slope, need_dx, need_dres, dx, dres)
+        else:
+            K.nhwc_backward_apply(dy, self.x, self.r, self.has_res, self.m, self.c, self.p,
+                                  mean, rstd, scale, shift, a, b, self.code, self.slope,
+                                  need_dx, need_dres, dx, dres)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def supports(self, x: Tensor) -> bool:
+        return x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() in (2, 3)
+
+    # -- primitives (the distributed path) ---------------------------------------------------
+    def stats(self, x: Tensor) -> S.Partials:
+        args = _Args(x, None, "none", 0.0)
+        cnt, mean, m2 = args.partials()
+        p, c = args.p, args.c
+        merged = S.merge_many(S.Partials(
+            torch.from_numpy(cnt.reshape(c, p)[0].copy()),
+            torch.from_numpy(mean.reshape(c, p).T.copy()),
+            torch.from_numpy(m2.reshape(c, p).T.copy()),
+        ))
+        acc = S.accumulation_dtype(x.dtype)
+        return S.Partials(merged.n.to(acc), merged.mean.to(acc), merged.m2.to(acc))
+
+    def apply(self, x, mean, scale, shift, residual, act, slope):
+        args = _Args(x, residual, act, slope)
+        y = torch.empty_like(x)
+        args.apply(_np(y), args.vec(mean), args.vec(scale), args.vec(shift))
+        return y
+
+    def backward_reduce(self, grad_y, x, mean, rstd, scale, shift, residual, act, slope):
+        args = _Args(x, residual, act, slope)
+        sum_g, sum_gx = args.grad_sums(_np(grad_y), args.vec(mean), args.vec(rstd),
+                                       args.vec(scale), args.vec(shift))
+        return torch.from_numpy(sum_g), torch.from_numpy(sum_gx)
+
+    def backward_apply(self, grad_y, x, mean, rstd, scale, shift, residual, act, slope,
+                       a, b, need_dx, need_dres):
+        args = _Args(x, residual, act, slope)
+        dx = torch.empty_like(x) if need_dx else None
+        dres = torch.empty_like(x) if need_dres else None
+        dxf = _np(dx) if dx is not None else args.x
+        drf = _np(dres) if dres is not None else args.x
+        args.grad_apply(_np(grad_y), args.vec(mean), args.vec(rstd), args.vec(scale),
+                        args.vec(shift), args.vec(a), args.vec(b), dxf, drf, need_dx, need_dres)
+        return dx, dres
+
+    # -- fused paths ---------------------------------------------------------------------------
+    def forward_train(self, x, weight, bias, residual, eps, act, slope):
+        args = _Args(x, residual, act, slope)
+        c = args.c
+        y = torch.empty_like(x)
+        mean, var, rstd, scale, shift = (torch.empty(c, dtype=x.dtype) for _ in range(5))
+        yf, mf, vf, rf, scf, shf = (_np(t) for t in (y, mean, var, rstd, scale, shift))
+        w = _np(weight) if weight is not None else mf
+        b = _np(bias) if bias is not None else mf
+        eps_ = args.dtype(eps)
+        if args.first and args.p == 1:
+            K.nchw_train_fused(args.x, yf, args.r, args.has_res, args.n, c, args.s, w, b,
+                               weight is not None, bias is not None, eps_, args.code, args.slope,
+                               mf, vf, rf, scf, shf)
+        else:
+            cnt, pm, pm2 = args.partials()
+            K.merge_finalize(cnt, pm, pm2, c, args.p, w, b, weight is not None,
+                             bias is not None, eps_, mf, vf, rf, scf, shf)
+            args.apply(yf, mf, scf, shf)
+        return y, mean, rstd, var
+
+    def forward_eval(self, x, weight, bias, residual, mean, rstd, act, slope):
+        return self.apply(x, mean, S.scale_of(rstd, weight), bias, residual, act, slope)
+
+    def backward(self, grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
+                 need_dx, need_dweight, need_dbias, need_dres):
+        args = _Args(x, residual, act, slope)
+        dy = _np(grad_y)
+        mf, rf = args.vec(mean), args.vec(rstd)
+        scf, shf = args.vec(S.scale_of(rstd, weight)), args.vec(bias)
+        need_sums = (training and need_dx) or need_dweight or need_dbias
+        dx = torch.empty_like(x) if need_dx else None
+        dres = torch.empty_like(x) if need_dres else None
+        dxf = _np(dx) if dx is not None else args.x
+        drf = _np(dres) if dres is not None else args.x
+        c = args.c
+        if args.first and args.p == 1:
+            sg, sgx = np.empty(c, dtype=args.x.dtype), np.empty(c, dtype=args.x.dtype)
+            K.nchw_backward_fused(dy, args.x, args.r, args.has_res, args.n, c, args.s, mf, rf,
+                                  scf, shf, args.code, args.slope, bool(training and need_dx),
+                                  need_sums, need_dx, need_dres, dxf, drf, sg, sgx)
+        else:
+            zero = np.zeros(c, dtype=args.x.dtype)
+            sg = sgx = zero
+            if need_sums:
+                sg, sgx = args.grad_sums(dy, mf, rf, scf, shf)
+            a = b = zero
+            if training and need_dx:
+                count = x.numel() // c
+                a, b = (sg / count).astype(sg.dtype), (sgx / count).astype(sg.dtype)
+            if need_dx or need_dres:
+                args.grad_apply(dy, mf, rf, scf, shf, a, b, dxf, drf, need_dx, need_dres)
+        dweight = torch.from_numpy(sgx).to(weight.dtype) if need_dweight and weight is not None \
+            else None
+        dbias = torch.from_numpy(sg).to(bias.dtype) if need_dbias and bias is not None else None
+        return dx, dweight, dbias, dres
+
+
+BACKEND = CpuBackend()
