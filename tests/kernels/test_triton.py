@@ -296,3 +296,38 @@ def test_cuda_graph_capture(strategy):
     for got, exp in zip(out, step(), strict=True):
         if exp is not None:
             assert torch.equal(got, exp)
+
+
+def _bench_gpu():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_gpu_host_parts(tmp_path):
+    """The GPU benchmark's argument parsing, case list, summary, table and JSON (no timing)."""
+    bench = _bench_gpu()
+    args = bench.parse_args([])
+    assert len(bench.cases(args)) == 3 * (2 * 7 + 1)  # dtypes x (NCHW, NHWC per 4-D shape + 2-D)
+    assert bench.min_traffic_tensors("bn_add_relu", "fwdbwd") == 7
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--dtypes", "float64"])
+    row = {"shape": [32, 64, 112, 112], "layout": "nchw", "dtype": "float16", "op": "bn",
+           "mode": "fwd", "strategy": "triton:split", "bytes": 51_380_224,
+           "ours": {"median_ms": 2.0}, "eager": {"median_ms": 3.0},
+           "speedup_vs_eager": 1.5, "bw_fraction_of_copy": 0.9}
+    other = dict(row, layout="nhwc", ours={"median_ms": 1.0}, bytes=10)
+    summary = bench.summarize([row, other], False)
+    assert summary["min_bw_fraction_fwd_large"] == 0.9
+    assert summary["geomean_time_nhwc_over_nchw"] == pytest.approx(0.5)
+    assert "triton:split" in bench.format_row(row, False)
+    out = bench.write_json({"summary": summary, "x": float("nan")}, tmp_path / "r.json")
+    import json
+
+    assert json.loads(out.read_text())["x"] is None
