@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import fx, nn
 
 import batchnorm
@@ -235,5 +237,22 @@ def test_our_frozen_layers_fold_with_activation_and_residual():
     folded, report = batchnorm.fold(model, x, return_report=True)
     assert report.folded == [("conv", "bn"), ("fc", "bn1")]
     assert isinstance(folded.bn, FoldedEpilogue) and isinstance(folded.bn.act, nn.GELU)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), **TOL[torch.float64])
+
+
+@settings(max_examples=25, deadline=None)
+@given(transposed=st.booleans(), rank=st.integers(1, 3), groups=st.integers(1, 3),
+       cin=st.integers(1, 3), cout=st.integers(1, 3), k=st.integers(1, 3),
+       stride=st.integers(1, 2), bias=st.booleans(), affine=st.booleans())
+def test_conv_fold_hypothesis(transposed, rank, groups, cin, cout, k, stride, bias, affine):
+    conv_cls = [[nn.Conv1d, nn.Conv2d, nn.Conv3d],
+                [nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d]][transposed][rank - 1]
+    bn_cls = [batchnorm.BatchNorm1d, batchnorm.BatchNorm2d, batchnorm.BatchNorm3d][rank - 1]
+    conv = conv_cls(cin * groups, cout * groups, k, stride=stride, groups=groups, bias=bias)
+    model = randomize(nn.Sequential(conv, bn_cls(cout * groups, affine=affine))).double().eval()
+    x = torch.randn(2, cin * groups, *([4] * rank), dtype=torch.float64)
+    folded = batchnorm.fold(model)
+    assert folded.fold_report.folded == [("0", "1")]
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), **TOL[torch.float64])
