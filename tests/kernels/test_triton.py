@@ -9,6 +9,8 @@ some of them ragged, merged by ``stats.merge_many``).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -296,6 +298,71 @@ def test_cuda_graph_capture(strategy):
     for got, exp in zip(out, step(), strict=True):
         if exp is not None:
             assert torch.equal(got, exp)
+
+
+# Compiles every kernel for an sm_90 target with Triton's real code generator and its bundled
+# ptxas, in a process without TRITON_INTERPRET: the interpreter accepts code that the compiler
+# rejects (non-constexpr globals, dynamic-if scoping), and this catches it without a GPU.
+_COMPILE_CHECK = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import batchnorm.kernels.triton as K
+
+HALF = ("x_ptr", "y_ptr", "res_ptr", "dy_ptr", "dx_ptr", "dres_ptr", "b_ptr")
+INTS = ("R", "C", "S", "stride_r", "stride_c")
+
+def check(fn, **consts):
+    sig = {}
+    for p in fn.params:
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*bf16" if name in HALF else "*fp32"
+        else:
+            sig[name] = ("i64" if consts.get("INT64") else "i32") if name in INTS else "fp32"
+    consts = {k: v for k, v in consts.items() if k in sig}
+    blocks = dict(BLOCK_R=16, BLOCK_C=2, BLOCK_S=32)
+    blocks.update({k: v for k, v in consts.items() if k.startswith("BLOCK")})
+    consts.update(blocks)
+    consts.setdefault("INT64", False)
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+
+flags = dict(HAS_W=True, HAS_B=True, HAS_RES=True)
+for act in range(5):
+    check(K._fwd_persistent_kernel, ACT=act, **flags)
+    check(K._bwd_persistent_kernel, ACT=act, TRAINING=True, NEED_DX=True, NEED_DRES=True,
+          **flags)
+check(K._fwd_persistent_kernel, ACT=1, HAS_W=False, HAS_B=False, HAS_RES=False,
+      BLOCK_R=64, BLOCK_C=32, BLOCK_S=1)
+check(K._partials_kernel, INT64=True)
+check(K._apply_kernel, ACT=4, HAS_B=True, HAS_RES=True)
+check(K._bwd_reduce_kernel, ACT=3, HAS_B=True, HAS_RES=True)
+for training in (True, False):
+    check(K._bwd_apply_kernel, ACT=2, HAS_B=True, HAS_RES=True, TRAINING=training,
+          NEED_DX=True, NEED_DRES=True)
+    check(K._bwd_persistent_kernel, ACT=0, HAS_B=False, HAS_RES=False, TRAINING=training,
+          NEED_DX=True, NEED_DRES=False)
+check(K._bwd_apply_kernel, ACT=0, HAS_B=False, HAS_RES=False, TRAINING=False,
+      NEED_DX=False, NEED_DRES=True)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_a_gpu_target():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-4000:]
 
 
 def _bench_gpu():

@@ -45,8 +45,8 @@ __all__ = ["TritonBackend", "BACKEND"]
 
 _ACT = {"none": 0, "relu": 1, "leaky_relu": 2, "silu": 3, "gelu": 4}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)  # 1/√2 (kernels may read constexpr globals only)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/√(2π)
 
 
 # ---------------------------------------------------------------------------------------------
