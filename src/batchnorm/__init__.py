@@ -28,14 +28,24 @@ __all__ = [
 ]
 
 # Feature areas add their public names below, one block each (import, then ``__all__ +=``).
+from .nn.frozen import (  # noqa: E402
+    FrozenBatchNorm1d,
+    FrozenBatchNorm2d,
+    FrozenBatchNorm3d,
+    freeze,
+    unfreeze,
+)
 from .nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d  # noqa: E402
+from .nn.masked import MaskedBatchNorm1d  # noqa: E402
 from .nn.recurrent import BNLSTM, BNLSTMCell  # noqa: E402
 from .nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d  # noqa: E402
+from .nn.virtual import VirtualBatchNorm1d, VirtualBatchNorm2d  # noqa: E402
 
 __all__ += [
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
     "GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d",
-    "BNLSTMCell", "BNLSTM",
+    "MaskedBatchNorm1d", "BNLSTMCell", "BNLSTM", "VirtualBatchNorm1d", "VirtualBatchNorm2d",
+    "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze", "unfreeze",
 ]
 # [/variants]
 from .tools import ActivationMonitor, FoldReport, export_onnx, export_program, fold, recalibrate  # noqa: E402,E501

@@ -2,8 +2,8 @@
 and the checks of their extra constructor arguments.
 
 The variants that compute their own batch statistics (ghost, masked) hand them here; the update
-itself is :func:`batchnorm.ops.update_running_stats` (with its non-finite skip), the Bessel
-correction :func:`batchnorm.stats.unbiased_var`: no statistics math lives in this file.
+itself is :func:`batchnorm.ops.update_running_stats` (with its non-finite skip): no statistics
+math lives in this file.
 """
 
 from __future__ import annotations
@@ -16,21 +16,20 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import ops
-from .. import stats as S
 from ..functional import _warn_skipped
 
 
-def update_running(module: _BatchNorm, mean: Tensor, var: Tensor, count: int | Tensor,
+def update_running(module: _BatchNorm, mean: Tensor, var_unbiased: Tensor,
                    device: torch.device) -> None:
-    """Blend a batch's ``mean`` and *biased* ``var`` (over ``count`` values) into ``module``'s
-    running statistics, as :func:`batchnorm.functional.batch_norm_impl` does for plain BN."""
+    """Blend a batch's ``mean`` and unbiased variance into ``module``'s running statistics, as
+    :func:`batchnorm.functional.batch_norm_impl` does for plain BN (``device``: the input's)."""
     running_mean, running_var = module.running_mean, module.running_var
     if running_mean is None or running_var is None:
         return
     skipped: Tensor | None = getattr(module, "num_batches_skipped", None)
     ok = ops.update_running_stats(
         running_mean, running_var, module.num_batches_tracked, skipped,
-        mean, S.unbiased_var(var, count),
+        mean, var_unbiased,
         0.0 if module.momentum is None else float(module.momentum), module.momentum is None,
     )
     if device.type == "cpu" and not torch.compiler.is_compiling() and not ok:
