@@ -52,5 +52,7 @@ from .tools import ActivationMonitor, FoldReport, export_onnx, export_program, f
 
 __all__ += ["ActivationMonitor", "FoldReport", "export_onnx", "export_program", "fold",
             "recalibrate"]
-# [distributed]
+from .nn.sync import SyncBatchNorm, convert_sync_batchnorm  # noqa: E402
+
+__all__ += ["SyncBatchNorm", "convert_sync_batchnorm"]
 # [cli]
