@@ -180,6 +180,28 @@ def test_primitives_match_reference(strategy, layout):
             torch.testing.assert_close(g, e, **OUT_TOL[torch.float16])
 
 
+@pytest.mark.parametrize("k", [1, 7, 300])
+def test_merge_kernel_is_stats_merge_many(k):
+    """The split forward's in-kernel merge + finalize agrees with stats.merge_many/finalize."""
+    from batchnorm.kernels import triton as T
+
+    c = 37
+    n = torch.randint(1, 50, (k, c), device=DEVICE).float()
+    mean = torch.randn(k, c, device=DEVICE) * 3 + 100
+    m2 = torch.rand(k, c, device=DEVICE) * n
+    w = torch.rand(c, device=DEVICE) + 0.5
+    out = [torch.empty(c, device=DEVICE) for _ in range(4)]
+    be = STRATEGIES["split"]
+    grid, blocks, warps = be._reduction(k, c)
+    T._merge_kernel[grid](n, mean, m2, w, *out, k, c, 1e-5, HAS_W=True, **blocks,
+                          num_warps=warps)
+    exp_mean, exp_var, exp_rstd = S.finalize(S.merge_many(S.Partials(n, mean, m2)), 1e-5)
+    torch.testing.assert_close(out[0], exp_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out[2], exp_var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1], exp_rstd, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out[3], S.scale_of(exp_rstd, w), rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("layout", ["first", "last"])
 def test_large_mean_against_float64(strategy, layout):
@@ -312,7 +334,7 @@ from triton.compiler import ASTSource
 import batchnorm.kernels.triton as K
 
 HALF = ("x_ptr", "y_ptr", "res_ptr", "dy_ptr", "dx_ptr", "dres_ptr", "b_ptr")
-INTS = ("R", "C", "S", "stride_r", "stride_c")
+INTS = ("R", "C", "S", "stride_r", "stride_c", "K")
 
 def check(fn, **consts):
     sig = {}
@@ -324,30 +346,32 @@ def check(fn, **consts):
             sig[name] = "*bf16" if name in HALF else "*fp32"
         else:
             sig[name] = ("i64" if consts.get("INT64") else "i32") if name in INTS else "fp32"
+    consts = {"BLOCK_R": 16, "BLOCK_C": 2, "BLOCK_S": 32, "INT64": False, **consts}
     consts = {k: v for k, v in consts.items() if k in sig}
-    blocks = dict(BLOCK_R=16, BLOCK_C=2, BLOCK_S=32)
-    blocks.update({k: v for k, v in consts.items() if k.startswith("BLOCK")})
-    consts.update(blocks)
-    consts.setdefault("INT64", False)
     triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                    target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
 
 flags = dict(HAS_W=True, HAS_B=True, HAS_RES=True)
+bwd = dict(NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True)
 for act in range(5):
     check(K._fwd_persistent_kernel, ACT=act, **flags)
-    check(K._bwd_persistent_kernel, ACT=act, TRAINING=True, NEED_DX=True, NEED_DRES=True,
-          **flags)
+    check(K._bwd_persistent_kernel, ACT=act, TRAINING=True, **bwd, **flags)
 check(K._fwd_persistent_kernel, ACT=1, HAS_W=False, HAS_B=False, HAS_RES=False,
       BLOCK_R=64, BLOCK_C=32, BLOCK_S=1)
 check(K._partials_kernel, INT64=True)
-check(K._apply_kernel, ACT=4, HAS_B=True, HAS_RES=True)
-check(K._bwd_reduce_kernel, ACT=3, HAS_B=True, HAS_RES=True)
+for has_w in (True, False):
+    check(K._merge_kernel, HAS_W=has_w, BLOCK_K=64, BLOCK_C=32)
+    check(K._bwd_sum_kernel, HAS_W=has_w, NEED_SCALE=True, NEED_DW=True, NEED_DB=True,
+          BLOCK_K=64, BLOCK_C=32)
+for has_scale in (True, False):
+    check(K._apply_kernel, ACT=4, HAS_SCALE=has_scale, **flags)
+    check(K._bwd_reduce_kernel, ACT=3, HAS_SCALE=has_scale, **flags)
 for training in (True, False):
     check(K._bwd_apply_kernel, ACT=2, HAS_B=True, HAS_RES=True, TRAINING=training,
-          NEED_DX=True, NEED_DRES=True)
-    check(K._bwd_persistent_kernel, ACT=0, HAS_B=False, HAS_RES=False, TRAINING=training,
-          NEED_DX=True, NEED_DRES=False)
-check(K._bwd_apply_kernel, ACT=0, HAS_B=False, HAS_RES=False, TRAINING=False,
+          NEED_X=True, NEED_DX=True, NEED_DRES=True)
+    check(K._bwd_persistent_kernel, ACT=0, HAS_W=False, HAS_B=False, HAS_RES=False,
+          TRAINING=training, NEED_DX=True, NEED_DRES=False, NEED_DW=False, NEED_DB=False)
+check(K._bwd_apply_kernel, ACT=0, HAS_B=False, HAS_RES=False, TRAINING=False, NEED_X=False,
       NEED_DX=False, NEED_DRES=True)
 print("compiled")
 """

@@ -181,16 +181,76 @@ def _partials_kernel(
 
 
 @triton.jit
+def _channel_scale(scale_ptr, rstd, w_ptr, cols, cmask,
+                   HAS_SCALE: tl.constexpr, HAS_W: tl.constexpr):
+    """scale = γ·rstd per channel: given (a primitive's argument) or computed from γ."""
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0)
+    elif HAS_W:
+        scale = rstd * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        scale = rstd
+    return scale
+
+
+@triton.jit
+def _merge_kernel(
+    n_ptr, mean_ptr, m2_ptr, w_ptr, out_mean_ptr, out_rstd_ptr, out_var_ptr, out_scale_ptr, K, C,
+    eps,
+    HAS_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Merge the (K, C) tile partials and finalize, in a fixed order (deterministic).
+
+    The formulas of ``stats.merge_many`` and ``stats.finalize``: n = Σ n_k,
+    mean = Σ n_k·m_k / n, m2 = Σ m2_k + Σ n_k·(m_k - mean)², var = m2/n, rstd = 1/sqrt(var+eps).
+    """
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    tot = tl.zeros((BLOCK_C,), tl.float32)
+    nm = tl.zeros((BLOCK_C,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K))[:, None]
+        m = (ks < K) & cmask[None, :]
+        nk = tl.load(n_ptr + ks * C + cols[None, :], mask=m, other=0.0)
+        mk = tl.load(mean_ptr + ks * C + cols[None, :], mask=m, other=0.0)
+        tot += tl.sum(nk, axis=0)
+        nm += tl.sum(nk * mk, axis=0)
+    safe = tl.where(tot > 0.0, tot, 1.0)
+    mean = nm / safe
+    m2 = tl.zeros((BLOCK_C,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K))[:, None]
+        m = (ks < K) & cmask[None, :]
+        nk = tl.load(n_ptr + ks * C + cols[None, :], mask=m, other=0.0)
+        mk = tl.load(mean_ptr + ks * C + cols[None, :], mask=m, other=0.0)
+        m2k = tl.load(m2_ptr + ks * C + cols[None, :], mask=m, other=0.0)
+        d = mk - mean[None, :]
+        m2 += tl.sum(m2k, axis=0) + tl.sum(nk * d * d, axis=0)
+    var = m2 / safe
+    rstd = 1.0 / tl.sqrt(var + eps)
+    scale = _channel_scale(None, rstd, w_ptr, cols, cmask, False, HAS_W)
+    tl.store(out_mean_ptr + cols, mean, mask=cmask)
+    tl.store(out_rstd_ptr + cols, rstd, mask=cmask)
+    tl.store(out_var_ptr + cols, var, mask=cmask)
+    tl.store(out_scale_ptr + cols, scale, mask=cmask)
+
+
+@triton.jit
 def _apply_kernel(
-    x_ptr, mean_ptr, scale_ptr, b_ptr, res_ptr, y_ptr, R, C, S, stride_r, stride_c, slope,
-    HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    x_ptr, mean_ptr, scale_ptr, rstd_ptr, w_ptr, b_ptr, res_ptr, y_ptr,
+    R, C, S, stride_r, stride_c, slope,
+    HAS_SCALE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
+    ACT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
 ):
     offs, mask, cols, cmask, _k, _first = _tile(
         tl.program_id(0), R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
-    scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0)
+    rstd = 1.0
+    if not HAS_SCALE:
+        rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0)
+    scale = _channel_scale(scale_ptr, rstd, w_ptr, cols, cmask, HAS_SCALE, HAS_W)
     pre = _pre(x - mean[None, :, None], scale, b_ptr, res_ptr, cols, cmask, offs, mask,
                HAS_B, HAS_RES)
     y = _act_fwd(pre, slope, ACT)
@@ -198,15 +258,16 @@ def _apply_kernel(
 
 
 @triton.jit
-def _grad_and_xhat(x_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, b_ptr, res_ptr,
+def _grad_and_xhat(x_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, w_ptr, b_ptr, res_ptr,
                    offs, mask, cols, cmask, slope,
-                   HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr):
+                   HAS_SCALE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   HAS_RES: tl.constexpr, ACT: tl.constexpr):
     """``(g, x̂, scale)`` of a tile; masked lanes of g and x̂ are 0."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
     rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0)
-    scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0)
+    scale = _channel_scale(scale_ptr, rstd, w_ptr, cols, cmask, HAS_SCALE, HAS_W)
     xc = tl.where(mask, x - mean[None, :, None], 0.0)
     if ACT != 0:
         pre = _pre(xc, scale, b_ptr, res_ptr, cols, cmask, offs, mask, HAS_B, HAS_RES)
@@ -217,20 +278,24 @@ def _grad_and_xhat(x_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, b_ptr, res_ptr,
 
 @triton.jit
 def _bwd_persistent_kernel(
-    x_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, b_ptr, res_ptr, dx_ptr, dres_ptr,
-    sum_g_ptr, sum_gx_ptr, R, C, S, stride_r, stride_c, n, slope,
-    HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    x_ptr, dy_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, res_ptr, dx_ptr, dres_ptr,
+    dw_ptr, db_ptr, R, C, S, stride_r, stride_c, n, slope,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     TRAINING: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr,
+    NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
 ):
     offs, mask, cols, cmask, _k, _first = _tile(
         tl.program_id(0), R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64)
-    g, xhat, scale = _grad_and_xhat(x_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, b_ptr, res_ptr,
-                                    offs, mask, cols, cmask, slope, HAS_B, HAS_RES, ACT)
+    g, xhat, scale = _grad_and_xhat(x_ptr, dy_ptr, mean_ptr, rstd_ptr, None, w_ptr, b_ptr,
+                                    res_ptr, offs, mask, cols, cmask, slope, False, HAS_W,
+                                    HAS_B, HAS_RES, ACT)
     sum_g = _sum3(g)
     sum_gx = _sum3(g * xhat)
-    tl.store(sum_g_ptr + cols, sum_g, mask=cmask)
-    tl.store(sum_gx_ptr + cols, sum_gx, mask=cmask)
+    if NEED_DW:  # dγ = Σ g·x̂, stored in the weight's dtype
+        tl.store(dw_ptr + cols, sum_gx.to(dw_ptr.dtype.element_ty), mask=cmask)
+    if NEED_DB:  # dβ = Σ g
+        tl.store(db_ptr + cols, sum_g.to(db_ptr.dtype.element_ty), mask=cmask)
     if NEED_DX:
         if TRAINING:
             a = sum_g / n
@@ -245,44 +310,78 @@ def _bwd_persistent_kernel(
 
 @triton.jit
 def _bwd_reduce_kernel(
-    x_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, b_ptr, res_ptr, sum_g_ptr, sum_gx_ptr,
+    x_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, w_ptr, b_ptr, res_ptr, pg_ptr, pgx_ptr,
     R, C, S, stride_r, stride_c, slope,
-    HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
+    ACT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
 ):
+    """Per-tile (Σg, Σg·x̂) into (K, C) buffers."""
     offs, mask, cols, cmask, k, _first = _tile(
         tl.program_id(0), R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64)
-    g, xhat, _scale = _grad_and_xhat(x_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, b_ptr, res_ptr,
-                                     offs, mask, cols, cmask, slope, HAS_B, HAS_RES, ACT)
+    g, xhat, _scale = _grad_and_xhat(x_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, w_ptr,
+                                     b_ptr, res_ptr, offs, mask, cols, cmask, slope, HAS_SCALE,
+                                     HAS_W, HAS_B, HAS_RES, ACT)
     out = k * C + cols
-    tl.store(sum_g_ptr + out, _sum3(g), mask=cmask)
-    tl.store(sum_gx_ptr + out, _sum3(g * xhat), mask=cmask)
+    tl.store(pg_ptr + out, _sum3(g), mask=cmask)
+    tl.store(pgx_ptr + out, _sum3(g * xhat), mask=cmask)
+
+
+@triton.jit
+def _bwd_sum_kernel(
+    pg_ptr, pgx_ptr, rstd_ptr, w_ptr, sum_g_ptr, sum_gx_ptr, scale_ptr, dw_ptr, db_ptr, K, C,
+    HAS_W: tl.constexpr, NEED_SCALE: tl.constexpr, NEED_DW: tl.constexpr,
+    NEED_DB: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Sum the (K, C) partial sums in a fixed order; also γ·rstd, dγ and dβ when asked."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    sg = tl.zeros((BLOCK_C,), tl.float32)
+    sgx = tl.zeros((BLOCK_C,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K))[:, None]
+        m = (ks < K) & cmask[None, :]
+        sg += tl.sum(tl.load(pg_ptr + ks * C + cols[None, :], mask=m, other=0.0), axis=0)
+        sgx += tl.sum(tl.load(pgx_ptr + ks * C + cols[None, :], mask=m, other=0.0), axis=0)
+    tl.store(sum_g_ptr + cols, sg, mask=cmask)
+    tl.store(sum_gx_ptr + cols, sgx, mask=cmask)
+    if NEED_SCALE:
+        rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0)
+        scale = _channel_scale(None, rstd, w_ptr, cols, cmask, False, HAS_W)
+        tl.store(scale_ptr + cols, scale, mask=cmask)
+    if NEED_DW:
+        tl.store(dw_ptr + cols, sgx.to(dw_ptr.dtype.element_ty), mask=cmask)
+    if NEED_DB:
+        tl.store(db_ptr + cols, sg.to(db_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
 def _bwd_apply_kernel(
     x_ptr, dy_ptr, mean_ptr, rstd_ptr, scale_ptr, b_ptr, res_ptr, a_ptr, bb_ptr,
-    dx_ptr, dres_ptr, R, C, S, stride_r, stride_c, slope,
+    dx_ptr, dres_ptr, R, C, S, stride_r, stride_c, n_div, slope,
     HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr,
+    NEED_X: tl.constexpr, NEED_DX: tl.constexpr, NEED_DRES: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
 ):
+    """dx = scale·(g - a - x̂·b) with a = a_ptr/n_div, b = bb_ptr/n_div (training; n_div is 1
+    when a and b are given, n when they are the sums), dx = scale·g (eval); dres = g."""
     offs, mask, cols, cmask, _k, _first = _tile(
         tl.program_id(0), R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64)
     g = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + cols, mask=cmask, other=0.0)
-    if ACT != 0 or TRAINING:
+    xc = g  # replaced below whenever it is read (NEED_X covers every use)
+    if NEED_X:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
         xc = x - mean[None, :, None]
-        if ACT != 0:
-            pre = _pre(xc, scale, b_ptr, res_ptr, cols, cmask, offs, mask, HAS_B, HAS_RES)
-            g = g * _act_grad(pre, slope, ACT)
+    if ACT != 0:
+        pre = _pre(xc, scale, b_ptr, res_ptr, cols, cmask, offs, mask, HAS_B, HAS_RES)
+        g = g * _act_grad(pre, slope, ACT)
     if NEED_DX:
         if TRAINING:
             rstd = tl.load(rstd_ptr + cols, mask=cmask, other=0.0)
-            a = tl.load(a_ptr + cols, mask=cmask, other=0.0)
-            bb = tl.load(bb_ptr + cols, mask=cmask, other=0.0)
+            a = tl.load(a_ptr + cols, mask=cmask, other=0.0) / n_div
+            bb = tl.load(bb_ptr + cols, mask=cmask, other=0.0) / n_div
             xhat = xc * rstd[None, :, None]
             dx = (g - a[None, :, None] - xhat * bb[None, :, None]) * scale[None, :, None]
         else:
@@ -393,59 +492,100 @@ class TritonBackend(Backend):
         br = min(triton.next_power_of_2(r), max(1, _pow2_at_most(tile // (bs * bc))))
         return _Plan(x, br, bc, bs)
 
+    def _reduction(self, k: int, c: int) -> tuple[tuple[int], dict[str, int], int]:
+        """Grid and blocks of the kernels that reduce (K, C) partials to (C,)."""
+        bc = min(triton.next_power_of_2(c), _ROW)
+        bk = min(triton.next_power_of_2(k), max(1, _pow2_at_most(max(self.tile, 1) // bc)))
+        return (triton.cdiv(c, bc),), {"BLOCK_K": bk, "BLOCK_C": bc}, 4
+
+    def _partials(self, x: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
+        n, mean, m2 = (x.new_empty((plan.K, plan.C), dtype=torch.float32) for _ in range(3))
+        _partials_kernel[plan.grid](x, n, mean, m2, *plan.dims(), **plan.blocks,
+                                    num_warps=plan.num_warps)
+        return n, mean, m2
+
     # -- primitives -----------------------------------------------------------------------------
     def stats(self, x: Tensor) -> S.Partials:
         plan = self._persistent(x) or self._split(x)
-        acc = S.accumulation_dtype(x.dtype)
-        n, mean, m2 = (x.new_empty((plan.K, plan.C), dtype=acc) for _ in range(3))
-        _partials_kernel[plan.grid](x, n, mean, m2, *plan.dims(), **plan.blocks,
-                                    num_warps=plan.num_warps)
-        return S.merge_many(S.Partials(n, mean, m2))
+        return S.merge_many(S.Partials(*self._partials(x, plan)))
 
     def apply(self, x, mean, scale, shift, residual, act, slope):
+        return self._apply(x, mean, scale.contiguous(), None, None, shift, residual, act, slope)
+
+    def _apply(self, x, mean, scale, rstd, weight, bias, residual, act, slope) -> Tensor:
+        """y = act((x - mean)·scale + β + r); ``scale`` given, or γ·rstd computed in-kernel."""
         plan = self._split(x)
         y = torch.empty_like(x)
         _apply_kernel[plan.grid](
-            x, mean.contiguous(), scale.contiguous(), _opt(shift), _opt(residual), y,
-            *plan.dims(), float(slope), HAS_B=shift is not None, HAS_RES=residual is not None,
+            x, mean.contiguous(), scale, _opt(rstd), _opt(weight), _opt(bias), _opt(residual),
+            y, *plan.dims(), float(slope), HAS_SCALE=scale is not None,
+            HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
             ACT=_ACT[act], **plan.blocks, num_warps=plan.num_warps,
         )
         return y
 
-    def backward_reduce(self, grad_y, x, mean, rstd, scale, shift, residual, act, slope):
+    def _reduce_sums(self, grad_y, x, mean, rstd, scale, weight, bias, residual, act, slope,
+                     need_scale: bool, dweight: Tensor | None, dbias: Tensor | None,
+                     ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per-tile (Σg, Σg·x̂), then their fixed-order sums (and γ·rstd, dγ, dβ if asked)."""
         plan = self._persistent(x) or self._split(x)
-        acc = mean.dtype
-        sum_g, sum_gx = (x.new_empty((plan.K, plan.C), dtype=acc) for _ in range(2))
+        pg, pgx = (x.new_empty((plan.K, plan.C), dtype=torch.float32) for _ in range(2))
         _bwd_reduce_kernel[plan.grid](
-            x, grad_y.contiguous(), mean.contiguous(), rstd.contiguous(), scale.contiguous(),
-            _opt(shift), _opt(residual), sum_g, sum_gx, *plan.dims(), float(slope),
-            HAS_B=shift is not None, HAS_RES=residual is not None, ACT=_ACT[act],
-            **plan.blocks, num_warps=plan.num_warps,
+            x, grad_y, mean.contiguous(), rstd.contiguous(), scale, _opt(weight), _opt(bias),
+            _opt(residual), pg, pgx, *plan.dims(), float(slope), HAS_SCALE=scale is not None,
+            HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
+            ACT=_ACT[act], **plan.blocks, num_warps=plan.num_warps,
         )
-        # (K, C) -> (C,): a fixed-order torch reduction, no atomics.
-        return sum_g.sum(0), sum_gx.sum(0)
+        sum_g, sum_gx = (x.new_empty((plan.C,), dtype=torch.float32) for _ in range(2))
+        new_scale = x.new_empty((plan.C,), dtype=torch.float32) if need_scale else None
+        grid, blocks, warps = self._reduction(plan.K, plan.C)
+        _bwd_sum_kernel[grid](
+            pg, pgx, rstd.contiguous(), _opt(weight), sum_g, sum_gx, new_scale, dweight, dbias,
+            plan.K, plan.C, HAS_W=weight is not None, NEED_SCALE=need_scale,
+            NEED_DW=dweight is not None, NEED_DB=dbias is not None, **blocks, num_warps=warps,
+        )
+        return sum_g, sum_gx, new_scale
+
+    def backward_reduce(self, grad_y, x, mean, rstd, scale, shift, residual, act, slope):
+        sum_g, sum_gx, _ = self._reduce_sums(
+            grad_y.contiguous(), x, mean, rstd, scale.contiguous(), None, shift, residual, act,
+            slope, False, None, None)
+        return sum_g, sum_gx
 
     def backward_apply(self, grad_y, x, mean, rstd, scale, shift, residual, act, slope,
                        a, b, need_dx, need_dres):
+        return self._backward_apply(grad_y.contiguous(), x, mean, rstd, scale.contiguous(),
+                                    shift, residual, act, slope, a, b, 1.0, need_dx, need_dres)
+
+    def _backward_apply(self, grad_y, x, mean, rstd, scale, bias, residual, act, slope,
+                        a, b, n_div, need_dx, need_dres):
         plan = self._split(x)
         dx = torch.empty_like(x) if need_dx else None
         dres = torch.empty_like(grad_y) if need_dres else None
         training = a is not None and b is not None
         _bwd_apply_kernel[plan.grid](
-            x, grad_y.contiguous(), mean.contiguous(), rstd.contiguous(), scale.contiguous(),
-            _opt(shift), _opt(residual), _opt(a), _opt(b), dx, dres, *plan.dims(),
-            float(slope), HAS_B=shift is not None, HAS_RES=residual is not None,
-            ACT=_ACT[act], TRAINING=training, NEED_DX=need_dx, NEED_DRES=need_dres,
-            **plan.blocks, num_warps=plan.num_warps,
+            x, grad_y, mean.contiguous(), rstd.contiguous(), scale, _opt(bias),
+            _opt(residual), _opt(a), _opt(b), dx, dres, *plan.dims(), float(n_div),
+            float(slope), HAS_B=bias is not None, HAS_RES=residual is not None,
+            ACT=_ACT[act], TRAINING=training, NEED_X=training or act != "none",
+            NEED_DX=need_dx, NEED_DRES=need_dres, **plan.blocks, num_warps=plan.num_warps,
         )
         return dx, dres
 
     # -- fused paths ----------------------------------------------------------------------------
     def forward_train(self, x, weight, bias, residual, eps, act, slope):
-        plan = self._persistent(x)
-        if plan is None:  # split: partials -> stats.merge_many -> stats.finalize -> apply
-            return super().forward_train(x, weight, bias, residual, eps, act, slope)
         acc = S.accumulation_dtype(x.dtype)
+        plan = self._persistent(x)
+        if plan is None:  # split: tile partials -> merge + finalize -> apply (3 launches)
+            plan = self._split(x)
+            n, pmean, pm2 = self._partials(x, plan)
+            mean, rstd, var, scale = (x.new_empty((plan.C,), dtype=acc) for _ in range(4))
+            grid, blocks, warps = self._reduction(plan.K, plan.C)
+            _merge_kernel[grid](n, pmean, pm2, _opt(weight), mean, rstd, var, scale, plan.K,
+                                plan.C, float(eps), HAS_W=weight is not None, **blocks,
+                                num_warps=warps)
+            y = self._apply(x, mean, scale, None, None, bias, residual, act, slope)
+            return y, mean, rstd, var
         y = torch.empty_like(x)
         mean, rstd, var = (x.new_empty((plan.C,), dtype=acc) for _ in range(3))
         _fwd_persistent_kernel[plan.grid](
@@ -456,27 +596,40 @@ class TritonBackend(Backend):
         )
         return y, mean, rstd, var
 
+    def forward_eval(self, x, weight, bias, residual, mean, rstd, act, slope):
+        return self._apply(x, mean, None, rstd, weight, bias, residual, act, slope)
+
     def backward(self, grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
                  need_dx, need_dweight, need_dbias, need_dres):
+        grad_y = grad_y.contiguous()
+        dweight = torch.empty_like(weight) if need_dweight and weight is not None else None
+        dbias = torch.empty_like(bias) if need_dbias and bias is not None else None
         plan = self._persistent(x)
-        if plan is None:  # split: reduce kernel -> (K, C).sum(0) -> apply kernel
-            return super().backward(grad_y, x, weight, bias, residual, mean, rstd, training,
-                                    act, slope, need_dx, need_dweight, need_dbias, need_dres)
-        acc = mean.dtype
-        scale = S.scale_of(rstd, weight).contiguous()
-        shift = None if bias is None else bias.to(acc)
-        sum_g, sum_gx = (x.new_empty((plan.C,), dtype=acc) for _ in range(2))
-        dx = torch.empty_like(x) if need_dx else None
-        dres = torch.empty_like(grad_y) if need_dres else None
-        _bwd_persistent_kernel[plan.grid](
-            x, grad_y.contiguous(), mean.contiguous(), rstd.contiguous(), scale, _opt(shift),
-            _opt(residual), dx, dres, sum_g, sum_gx, *plan.dims(), plan.n, float(slope),
-            HAS_B=shift is not None, HAS_RES=residual is not None, ACT=_ACT[act],
-            TRAINING=bool(training), NEED_DX=need_dx, NEED_DRES=need_dres,
-            **plan.blocks, num_warps=plan.num_warps,
-        )
-        dweight = sum_gx.to(weight.dtype) if need_dweight and weight is not None else None
-        dbias = sum_g.to(bias.dtype) if need_dbias and bias is not None else None
+        if plan is not None:  # one launch
+            dx = torch.empty_like(x) if need_dx else None
+            dres = torch.empty_like(grad_y) if need_dres else None
+            _bwd_persistent_kernel[plan.grid](
+                x, grad_y, mean.contiguous(), rstd.contiguous(), _opt(weight), _opt(bias),
+                _opt(residual), dx, dres, dweight, dbias, *plan.dims(), plan.n, float(slope),
+                HAS_W=weight is not None, HAS_B=bias is not None,
+                HAS_RES=residual is not None, ACT=_ACT[act], TRAINING=bool(training),
+                NEED_DX=need_dx, NEED_DRES=need_dres, NEED_DW=dweight is not None,
+                NEED_DB=dbias is not None, **plan.blocks, num_warps=plan.num_warps,
+            )
+            return dx, dweight, dbias, dres
+        # split: tile sums -> fixed-order sums (+ γ·rstd, dγ, dβ) -> elementwise dx, dres
+        a = b = None
+        if training and need_dx or dweight is not None or dbias is not None:
+            a, b, scale = self._reduce_sums(grad_y, x, mean, rstd, None, weight, bias,
+                                            residual, act, slope, True, dweight, dbias)
+        else:
+            scale = S.scale_of(rstd, weight).contiguous()
+        dx = dres = None
+        if need_dx or need_dres:
+            n = float(x.numel() // x.shape[1])
+            dx, dres = self._backward_apply(
+                grad_y, x, mean, rstd, scale, bias, residual, act, slope,
+                a if training else None, b if training else None, n, need_dx, need_dres)
         return dx, dweight, dbias, dres
 
 
