@@ -81,13 +81,16 @@ class _VirtualBatchNorm(nn.Module):
     def _reference_partials(self, reference: Tensor) -> S.Partials:
         return S.channel_partials(canonicalize(reference)[0])
 
-    @torch.no_grad()
     def set_reference(self, reference: Tensor) -> None:
         """Fix the reference batch ``R``: its statistics are kept (not the tensor itself)."""
         ref = self._check(reference, "reference")
         if ref.numel() == 0:
             raise ValueError(f"reference: expected a non-empty batch, got {describe(ref)}")
-        p = self._reference_partials(ref)
+        with torch.no_grad():
+            self._store(self._reference_partials(ref))
+
+    @torch.no_grad()
+    def _store(self, p: S.Partials) -> None:
         self.ref_count.copy_(p.n)
         self.ref_mean.copy_(p.mean)
         self.ref_m2.copy_(p.m2)
@@ -109,7 +112,7 @@ class _VirtualBatchNorm(nn.Module):
             if ref_in.numel() == 0:
                 raise ValueError(f"reference: expected a non-empty batch, got {describe(ref_in)}")
             ref = self._reference_partials(ref_in)
-            self.set_reference(ref_in)
+            self._store(ref)
         else:
             if not self._has_reference:
                 self.set_reference(x)
