@@ -60,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=50, help="timed calls per implementation")
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated dtypes")
     ap.add_argument("--ops", default=",".join(OPS), help="comma-separated ops")
+    ap.add_argument("--persistent-max", type=int, default=None,
+                    help="Triton backend: largest slab tile (elements) of the persistent kernels")
+    ap.add_argument("--tile", type=int, default=None,
+                    help="Triton backend: elements per tile of the split/elementwise kernels")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = ap.parse_args(argv)
     for name, allowed in (("dtypes", DTYPES), ("ops", OPS)):
@@ -215,6 +219,19 @@ def strategy_of(shape, layout, dtype_name, device) -> str:
     return f"{backend.name}:{'persistent' if persistent(xc) is not None else 'split'}"
 
 
+def configure_triton(args: argparse.Namespace) -> dict[str, int] | None:
+    """Apply --persistent-max / --tile to the Triton backend; its settings, for the JSON."""
+    from batchnorm import kernels
+
+    backend = kernels.get_backend("triton")
+    if backend is None:
+        return None
+    for name, value in (("persistent_max", args.persistent_max), ("tile", args.tile)):
+        if value is not None:
+            setattr(backend, name, value)
+    return {"persistent_max": backend.persistent_max, "tile": backend.tile}  # type: ignore
+
+
 def format_header(compile_: bool) -> str:
     return (f"{'shape':>20} {'lay':>4} {'dtype':>8} {'op':>11} {'mode':>6} {'strategy':>18} "
             f"{'ours ms':>8} {'eager ms':>8} {'x eager':>7} {'bw/copy':>7}"
@@ -242,7 +259,7 @@ def summarize(rows: list[dict], compile_: bool) -> dict[str, float]:
     for mode in MODES:
         fr = [r["bw_fraction_of_copy"] for r in large if r["mode"] == mode]
         out[f"min_bw_fraction_{mode}_large"] = min(fr) if fr else float("nan")
-    for op in OPS:
+    for op in [o for o in OPS if any(r["op"] == o for r in rows)]:
         for mode in MODES:
             sel = [r for r in rows if r["op"] == op and r["mode"] == mode]
             out[f"{op}_{mode}_geomean_x_eager"] = geomean([r["speedup_vs_eager"] for r in sel])
@@ -323,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 2 if args.dry_run else 10 if args.quick else args.rounds
     impls = ["ours", "eager", "copy"] + (["compile"] if args.compile else [])
     timer = Timer(device)
+    tuning = configure_triton(args)
     print(f"device={machine_info(device).get('gpu') or 'cpu (dry run)'} rounds={rounds}")
     print(format_header(args.compile))
     rows = []
@@ -367,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/bench_gpu.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "dry_run": args.dry_run, "machine": machine_info(device), "training": True,
-        "rounds": rounds, "timer": "cuda events" if device.type == "cuda" else "perf_counter",
+        "rounds": rounds, "triton_tuning": tuning,
+        "timer": "cuda events" if device.type == "cuda" else "perf_counter",
         "summary": summary, "rows": rows,
     }
     path = write_json(payload, Path(args.out) if args.out else default_out(args))
