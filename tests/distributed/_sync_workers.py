@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 PG_TIMEOUT_S = 20
+SHORT_TIMEOUT_S = 3
 
 # --------------------------------------------------------------------------------------------
 # Cases
@@ -39,7 +40,6 @@ LAYOUTS = {  # name -> (spatial shape, memory format)
 VARIANTS = {  # name -> (activation, residual, module kwargs)
     "plain": (None, False, {}),
     "silu+res": ("silu", True, {}),
-    "relu": ("relu", False, {}),
     "noaffine-cumulative": ("leaky_relu", True, {"affine": False, "momentum": None}),
     "untracked": (None, False, {"track_running_stats": False}),
 }
@@ -274,7 +274,8 @@ def suite(rank: int, world: int) -> dict[str, list[str]]:
 
 
 def dead_rank(rank: int, world: int) -> dict[str, list[str]]:
-    """The last rank leaves; the others must fail (not hang) in their next collective."""
+    """The last rank exits; the others' next collective must raise (Gloo sees the closed
+    connection), not hang."""
     import batchnorm
 
     m = batchnorm.SyncBatchNorm(3)
@@ -288,7 +289,25 @@ def dead_rank(rank: int, world: int) -> dict[str, list[str]]:
     return {"dead-rank": failures}
 
 
-SUITES = {"suite": suite, "dead_rank": dead_rank}
+def hung_rank(rank: int, world: int) -> dict[str, list[str]]:
+    """The last rank stays alive but never joins; the others fail with the group's timeout."""
+    import batchnorm
+
+    m = batchnorm.SyncBatchNorm(3)
+    m(torch.randn(2, 3, 4))
+    if rank == world - 1:
+        time.sleep(SHORT_TIMEOUT_S + 2)  # outlive the others' timeout, then leave
+        return {"hung-rank": []}
+    t0 = time.monotonic()
+    failures = _expect_error(lambda: m(torch.randn(2, 3, 4)), RuntimeError, "imed out")
+    waited = time.monotonic() - t0
+    if not SHORT_TIMEOUT_S - 0.5 <= waited <= SHORT_TIMEOUT_S + 5:
+        failures.append(f"raised after {waited:.1f}s, not after the {SHORT_TIMEOUT_S}s timeout")
+    return {"hung-rank": failures}
+
+
+SUITES = {"suite": suite, "dead_rank": dead_rank, "hung_rank": hung_rank}
+TIMEOUTS = {"suite": PG_TIMEOUT_S, "dead_rank": PG_TIMEOUT_S, "hung_rank": SHORT_TIMEOUT_S}
 
 
 def _guard(fn: Callable[[], list[str]]) -> list[str]:
@@ -304,12 +323,12 @@ def _entry(rank: int, world: int, port: int, suite_name: str, out_dir: str,
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+        timeout=datetime.timedelta(seconds=TIMEOUTS[suite_name]),
     )
     results = SUITES[suite_name](rank, world)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    if suite_name == "dead_rank":
-        os._exit(0)  # no orderly shutdown: that is the point (the survivors' group is broken)
+    if suite_name != "suite":
+        os._exit(0)  # no orderly shutdown: the survivors' group is broken, that is the point
     dist.destroy_process_group()
 
 

@@ -65,7 +65,14 @@ def test_ddp_cnn_three_steps_matches_one_process(runs):
 
 
 def test_dead_rank_fails_the_others(tmp_path):
-    """A rank that leaves makes the others' next collective raise, not hang."""
-    results = W.launch(3, "dead_rank", tmp_path, timeout_s=W.PG_TIMEOUT_S + 60, backend=BACKEND)
+    """A rank that exits makes the others' next collective raise, not hang."""
+    results = W.launch(2, "dead_rank", tmp_path, timeout_s=W.PG_TIMEOUT_S + 60, backend=BACKEND)
     for rank, record in enumerate(results):
         assert record["dead-rank"] == [], f"rank {rank}: {record['dead-rank']}"
+
+
+def test_hung_rank_fails_the_others_after_the_group_timeout(tmp_path):
+    """A rank that never joins makes the others raise after the process group's timeout."""
+    results = W.launch(2, "hung_rank", tmp_path, timeout_s=60, backend=BACKEND)
+    for rank, record in enumerate(results):
+        assert record["hung-rank"] == [], f"rank {rank}: {record['hung-rank']}"
