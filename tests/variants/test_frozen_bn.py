@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,3 +130,37 @@ def test_errors_and_repr():
     with pytest.raises(ValueError, match="num_features"):
         batchnorm.FrozenBatchNorm1d(-1)
     assert "activation='relu'" in repr(f)
+
+
+def test_digits_tiny_batches_keep_pretrained_statistics():
+    """What it answers: fine-tuning with tiny batches makes BN normalize with 2-sample
+    statistics (each feature becomes ±1) that the pretrained weights never saw. A digits MLP
+    trained at batch 64, then run as fine-tuning runs it (train mode, batches of 2): BN's
+    accuracy collapses, the frozen model's is its eval accuracy."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16
+    y = torch.tensor(data.target)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32),
+                                torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        idx = torch.randint(0, 1400, (64,), generator=g)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def accuracy_in_pairs(m):
+        with torch.no_grad():
+            pred = torch.cat([m(x[i : i + 2]).argmax(1) for i in range(1400, 1796, 2)])
+        return float((pred == y[1400:1796]).float().mean())
+
+    eval_acc = accuracy_in_pairs(model.eval())
+    bn_train_acc = accuracy_in_pairs(copy.deepcopy(model).train())  # (updates its own stats)
+    frozen_acc = accuracy_in_pairs(batchnorm.freeze(model).train())
+    assert frozen_acc == eval_acc > 0.8, (frozen_acc, eval_acc)
+    assert bn_train_acc < eval_acc - 0.1, (bn_train_acc, eval_acc)
