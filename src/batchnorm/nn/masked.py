@@ -11,8 +11,7 @@ r"""Masked batch normalization for padded sequences: BN whose statistics come fr
 where ``V`` is the set of valid positions. Plain BN over a padded batch counts the padding as
 data (its statistics shift with the amount of padding); this layer is *equal to BN over the
 concatenation of the valid frames*, and the padded positions give zeros out and zero gradient
-whatever they contain (NaN included). Used e.g. in speech and NLP models with BN over time
-(Amodei et al. 2016, "Deep Speech 2", normalize over the valid frames of each utterance).
+whatever they contain (NaN included).
 
 Implementation: every position is a partial statistic ``(count = mask, mean = frame, m2 = 0)``
 and :func:`batchnorm.stats.merge_many` merges them, so the masked statistics are the package's
