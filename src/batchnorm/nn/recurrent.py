@@ -12,8 +12,8 @@ projections and on the cell state, with statistics kept *per time step*.
 step ``t`` in eval; steps ``t >= max_length`` share the statistics of step ``max_length - 1``.
 The parameters ``γ`` and ``β`` are shared across time. The two projection BNs have no ``β``
 (the bias ``b`` plays that role). ``γ`` starts at 0.1 (the paper: larger values saturate the
-``tanh``/``σ`` and make gradients vanish), ``β_c`` at 0, the forget-gate bias at 1 and ``W_h``
-orthogonal per gate, as the paper recommends.
+``tanh``/``σ`` and make gradients vanish) and ``β_c`` at 0, as the paper recommends; the
+forget-gate bias starts at 1 and ``W_h`` orthogonal per gate (common LSTM practice).
 
 Every BN call is :func:`batchnorm.functional.batch_norm_impl` on a view of the per-step running
 statistics, so the statistics math, kernels and non-finite skip are the package's. These are
