@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -166,7 +167,7 @@ def main() -> None:
               f"{r['speedup_vs_torch']:>8.2f}x {r['images_per_s']:>8.1f} "
               f"{r['max_abs_diff_vs_torch']:>10.2e} {r['bn_layers_left']:>8d}")
     result = dict(
-        command="python benchmarks/bench_fold.py" + (" --quick" if args.quick else ""),
+        command=" ".join(["python", "benchmarks/bench_fold.py", *sys.argv[1:]]),
         machine=dict(platform=platform.platform(), processor=platform.processor(),
                      cpu_count=os.cpu_count(), threads=torch.get_num_threads(),
                      torch=torch.__version__, load_before=load_before, load_after=load_after,
