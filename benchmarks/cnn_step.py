@@ -99,7 +99,7 @@ def make_step(net: nn.Module, x: torch.Tensor, target: torch.Tensor):
         loss = loss_fn(net(x), target)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
