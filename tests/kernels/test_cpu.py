@@ -135,6 +135,17 @@ def test_primitives_against_reference(shape):
             _close(g, e, dtype, scale=10)
 
 
+@pytest.mark.parametrize("shape", [(3, 2, 9001), (20011, 3)], ids=["split", "nc blocks"])
+def test_in_kernel_merge_agrees_with_stats_merge_many(shape):
+    """The fused forward merges chunk partials in the kernel; ``stats()`` uses merge_many."""
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 100
+    _, mean, rstd, var = CPU.forward_train(x, None, None, None, 1e-5, "none", 0.0)
+    m, v, r = S.finalize(CPU.stats(x), 1e-5)
+    torch.testing.assert_close(mean, m, rtol=1e-14, atol=0)
+    torch.testing.assert_close(var, v, rtol=1e-12, atol=0)
+    torch.testing.assert_close(rstd, r, rtol=1e-12, atol=0)
+
+
 def test_need_flags_and_no_affine():
     x, _, _, _ = _inputs((4, 6, 33), torch.float32, residual=False, affine=False)
     y, mean, rstd, var = CPU.forward_train(x, None, None, None, 1e-3, "relu", 0.0)
