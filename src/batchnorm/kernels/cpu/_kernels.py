@@ -43,7 +43,6 @@ _INV_SQRT_2PI = 0.3989422804014327
 # the running statistics can skip a non-finite batch. Helpers are inlined at the Numba IR level
 # and so compile under the flags of the kernel that calls them.
 _FM = {"reassoc", "contract"}
-_serial = njit(cache=True, nogil=True, fastmath=_FM)
 _parallel = njit(cache=True, nogil=True, fastmath=_FM, parallel=True)
 _njit_inline = njit(inline="always", fastmath=_FM)
 
@@ -270,11 +269,11 @@ def nchw_partials(x, N, C, S, P, cnt_o, mean_o, m2_o):
         m2_o[it] = m2
 
 
-@_serial
+@_parallel
 def merge_finalize(cnt, mean, m2, C, P, w, bias, has_w, has_b, eps, mean_o, var_o, rstd_o,
                    scale_o, shift_o):
     """K-way Chan merge of ``stats.merge_many`` per channel (items ``c*P + p``), then finalize."""
-    for c in range(C):
+    for c in prange(C):
         n = 0.0
         s = 0.0
         for p in range(P):
