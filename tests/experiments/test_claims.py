@@ -1,0 +1,32 @@
+"""Every experiment at its tiny size: the result's structure, and that its verdict is the one its
+own ``judge`` computes from the recorded metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from batchnorm.experiments import CLAIMS, claim_module
+from batchnorm.experiments.report import _jsonable
+from batchnorm.experiments.result import VERDICTS, RunConfig
+
+
+@pytest.mark.parametrize("name", CLAIMS)
+def test_claim_runs_tiny(name, digits):
+    module = claim_module(name)
+    result = module.run(RunConfig(digits, "tiny"))
+    assert result.name == name == module.NAME
+    assert result.verdict in VERDICTS[:3]
+    assert (result.verdict, result.reason) == module.judge(result.metrics)
+    assert result.criterion == module.CRITERION and result.setup
+    assert result.figures, "every claim draws at least one figure"
+    for png in result.figures.values():
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert len(result.table) >= 2 and len({len(row) for row in result.table}) == 1
+    json.dumps(_jsonable(result.to_json()), allow_nan=False)
+
+
+def test_unknown_claim():
+    with pytest.raises(ValueError, match="--claims: expected names from"):
+        claim_module("nonsense")
