@@ -197,7 +197,8 @@ def main() -> None:
                     "torch_threads": torch.get_num_threads()},
         "backend": backend, "dtype": "float32", "training": True, "rounds": rounds,
         "loadavg_before": load_before, "loadavg_after": load_after, "waited_s": waited,
-        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+        "alloc_env": {k: v for k, v in os.environ.items()
+                      if k.startswith(("MALLOC_", "THP_", "OMP_", "NUMBA_"))},
         "numba_first_call_compile_s": ctime, "summary": summary, "rows": rows,
     }
     path = Path(args.out) if args.out else (
