@@ -6,7 +6,8 @@ Backends register a loader here; nothing above ``kernels/`` names a backend. Sel
    (the reference backend takes the rest, so a forced run never fails on a dtype a fast backend
    leaves out). Forcing a backend that cannot be imported is an error, not a silent fallback.
 2. Otherwise the first backend in :data:`PREFERENCE` for the tensor's device type that is
-   importable and supports the tensor; the reference backend last.
+   importable, supports the tensor and *prefers* it (where it was measured faster than the
+   reference); the reference backend last.
 
 Loaders import lazily: importing ``batchnorm`` never imports Numba or Triton.
 """
@@ -93,6 +94,6 @@ def select(x: Tensor) -> Backend:
         return backend if backend.supports(x) else reference
     for candidate in PREFERENCE.get(x.device.type, ()):
         backend = get_backend(candidate)
-        if backend is not None and backend.supports(x):
+        if backend is not None and backend.supports(x) and backend.prefers(x):
             return backend
     return reference

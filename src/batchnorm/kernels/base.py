@@ -47,6 +47,11 @@ class Backend(ABC):
         """Whether this backend handles a canonical tensor ``x`` (device, dtype, layout)."""
         return True
 
+    def prefers(self, x: Tensor) -> bool:
+        """Whether default selection should pick this backend for ``x`` (it is measured to be
+        faster than the reference there). Forcing a backend ignores this."""
+        return True
+
     # -- primitives ----------------------------------------------------------------------------
     @abstractmethod
     def stats(self, x: Tensor) -> S.Partials:
