@@ -30,3 +30,17 @@ def test_claim_runs_tiny(name, digits):
 def test_unknown_claim():
     with pytest.raises(ValueError, match="--claims: expected names from"):
         claim_module("nonsense")
+
+
+def test_divergence_is_recorded_quietly(digits):
+    import warnings
+
+    from batchnorm.experiments.training import mlp, seed_all, train
+
+    seed_all(0)
+    model = mlp(digits.features, [32, 32], activation="relu", norm="ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NonFiniteBatchWarning may escape
+        hist = train(model, digits, steps=50, batch_size=32, lr=1e30, momentum=0.9)
+    assert hist.diverged_at is not None and hist.diverged_at <= 50
+    assert hist.steps == [hist.diverged_at] and 0.0 <= hist.final <= 0.2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import BatchNorm1d, BatchNorm2d
+from ..functional import NonFiniteBatchWarning
 from .data import Dataset
 
 __all__ = ["History", "accuracy", "batches", "cnn", "mlp", "seed_all", "train"]
@@ -146,6 +148,7 @@ class History:
     test_acc: list[float] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     diverged_at: int | None = None
+    last_loss: float = float("nan")
 
     @property
     def final(self) -> float:
@@ -179,10 +182,28 @@ def train(model: nn.Module, data: Dataset, *, steps: int, batch_size: int, lr: f
     hist = History()
     it = batches(len(data.y_train), batch_size, g)
     model.train()
+    with warnings.catch_warnings():
+        # a diverging run (a learning-rate sweep's top end) produces NaN batches; the divergence
+        # is recorded below from the loss, so the per-layer warnings would only be noise
+        warnings.simplefilter("ignore", NonFiniteBatchWarning)
+        _loop(model, data, hist, it, opt, loss_fn, run, steps, eval_every, on_step, forward)
+    if not eval_every or hist.diverged_at is not None:
+        hist.steps.append(hist.diverged_at or steps)
+        hist.test_acc.append(_eval(model, data, forward))
+        hist.loss.append(float("nan") if hist.diverged_at else hist.last_loss)
+    return hist
+
+
+def _loop(model: nn.Module, data: Dataset, hist: History, it: Iterator[Tensor],
+          opt: torch.optim.Optimizer, loss_fn: nn.Module,
+          run: Callable[[nn.Module, Tensor], Tensor], steps: int, eval_every: int | None,
+          on_step: Callable[[int], None] | None,
+          forward: Callable[[nn.Module, Tensor], Tensor] | None) -> None:
     for step in range(1, steps + 1):
         idx = next(it)
         loss = loss_fn(run(model, data.x_train[idx]), data.y_train[idx])
-        if not math.isfinite(float(loss.detach())):
+        hist.last_loss = float(loss.detach())
+        if not math.isfinite(hist.last_loss):
             hist.diverged_at = step
             break
         opt.zero_grad(set_to_none=True)
@@ -195,11 +216,6 @@ def train(model: nn.Module, data: Dataset, *, steps: int, batch_size: int, lr: f
             hist.test_acc.append(_eval(model, data, forward))
             hist.loss.append(float(loss.detach()))
             model.train()
-    if not eval_every or hist.diverged_at is not None:
-        hist.steps.append(hist.diverged_at or steps)
-        hist.test_acc.append(_eval(model, data, forward))
-        hist.loss.append(float("nan") if hist.diverged_at else float(loss.detach()))
-    return hist
 
 
 def _eval(model: nn.Module, data: Dataset,
