@@ -150,6 +150,5 @@ def update_running(
     Written as PyTorch writes it (``momentum·batch + (1 - momentum)·running``) so that float32
     running statistics agree with ``torch.nn.BatchNorm`` to the last bits.
     """
-    acc = batch.dtype
-    new = factor * batch + (1 - factor) * running.to(acc)
-    return torch.where(ok, new, running.to(acc)).to(running.dtype)
+    old = running.to(batch.dtype)
+    return torch.where(ok, factor * batch + (1 - factor) * old, old).to(running.dtype)
