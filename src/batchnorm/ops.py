@@ -90,17 +90,25 @@ def _backward_impl(
         grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
         need_dx, need_dweight and weight is not None, need_dbias and bias is not None, need_dres,
     )
+    empty = x.new_empty((0,))
+    return tuple(empty if t is None else t for t in (dx, dw, db, dr))  # type: ignore[return-value]
+
+
+@torch.library.custom_op("batchnorm::backward", mutates_args=())
+def backward_op(
+    grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+    residual: Tensor | None, mean: Tensor, rstd: Tensor, training: bool, act: str, slope: float,
+    need_dx: bool, need_dweight: bool, need_dbias: bool, need_dres: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    outs = _backward_impl(grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
+                          need_dx, need_dweight, need_dbias, need_dres)
     inputs = [t for t in (grad_y, x, weight, bias, residual, mean, rstd) if t is not None]
-    return tuple(_fresh(t, inputs, x) for t in (dx, dw, db, dr))  # type: ignore[return-value]
+    return tuple(_fresh(t, inputs) for t in outs)  # type: ignore[return-value]
 
 
-backward_op = torch.library.custom_op("batchnorm::backward", mutates_args=())(_backward_impl)
-
-
-def _fresh(t: Tensor | None, inputs: list[Tensor], like: Tensor) -> Tensor:
-    """An op output that aliases no input (a backend may return ``dy`` itself as ``dres``)."""
-    if t is None:
-        return like.new_empty((0,))
+def _fresh(t: Tensor, inputs: list[Tensor]) -> Tensor:
+    """An op output that aliases no input (a backend may return ``dy`` itself as ``dres``);
+    custom ops forbid aliasing, the eager autograd.Function does not need the check."""
     ptr = t.untyped_storage().data_ptr()
     if t.numel() and any(i.numel() and i.untyped_storage().data_ptr() == ptr for i in inputs):
         return t.clone()
