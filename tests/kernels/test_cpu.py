@@ -7,6 +7,7 @@ cover S = 1, C = 1, N·S = 2, primes, a huge C, and a channel long enough to be 
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -85,6 +86,30 @@ def test_forward_backward_against_reference(shape, act):
         _close(got[3], exp[3], dtype)
         for g, e in zip(got[1:3], exp[1:3], strict=True):  # sums over n elements
             _close(g, e, dtype, scale=20 * max(1.0, n ** 0.5))
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 601), (3, 2, 50021), (40009, 7)],
+                         ids=["fused", "split", "nc blocks"])
+@pytest.mark.parametrize("act", ["relu", "silu"])
+def test_threaded_paths_against_reference(shape, act):
+    """Tensors above SERIAL_ELEMENTS run on every thread (the shapes above run on one)."""
+    from batchnorm.kernels.cpu import SERIAL_ELEMENTS
+
+    dtype = torch.float32
+    assert math.prod(shape) >= SERIAL_ELEMENTS
+    x, w, b, r = _inputs(shape, dtype, residual=True)
+    n = x.numel() // shape[1]
+    ours = CPU.forward_train(x, w, b, r, 1e-5, act, SLOPE)
+    want = REF.forward_train(x, w, b, r, 1e-5, act, SLOPE)
+    for o, e in zip(ours, want, strict=True):
+        _close(o, e, dtype, scale=4)
+    dy = torch.randn(shape, dtype=dtype)
+    got = CPU.backward(dy, x, w, b, r, want[1], want[2], True, act, SLOPE, True, True, True, True)
+    exp = REF.backward(dy, x, w, b, r, want[1], want[2], True, act, SLOPE, True, True, True, True)
+    _close(got[0], exp[0], dtype, scale=20)
+    _close(got[3], exp[3], dtype)
+    for g, e in zip(got[1:3], exp[1:3], strict=True):
+        _close(g, e, dtype, scale=20 * max(1.0, n ** 0.5))
 
 
 @pytest.mark.parametrize("shape", [(7, 13, 11), (3, 2, 9001), (97, 5), (20011, 3)],
@@ -179,8 +204,10 @@ def test_deterministic_bitwise(shape):
 def test_thread_count_follows_torch():
     import numba
 
+    from batchnorm.kernels.cpu import SERIAL_ELEMENTS
+
     before = torch.get_num_threads()
-    x = torch.randn(4, 3, 50)
+    x = torch.randn(4, 3, SERIAL_ELEMENTS // 12 + 1)  # large enough to run threaded
     try:
         torch.set_num_threads(1)
         y1 = CPU.forward_train(x, None, None, None, 1e-5, "none", 0.0)[0]
@@ -190,6 +217,8 @@ def test_thread_count_follows_torch():
     y2 = CPU.forward_train(x, None, None, None, 1e-5, "none", 0.0)[0]
     assert numba.get_num_threads() == min(before, numba.config.NUMBA_NUM_THREADS)
     torch.testing.assert_close(y1, y2)
+    CPU.forward_train(x[:, :, :10].contiguous(), None, None, None, 1e-5, "none", 0.0)
+    assert numba.get_num_threads() == 1  # small tensors run on one thread
 
 
 def test_large_mean_accuracy_no_worse_than_pytorch():

@@ -69,13 +69,21 @@ def _launch_quiet_pool() -> None:
 _launch_quiet_pool()
 
 
-def _threads() -> int:
-    """Numba's thread count, set to agree with PyTorch's (oversubscription is slow)."""
-    limit = int(getattr(numba.config, "NUMBA_NUM_THREADS", 1))
-    t = max(1, min(torch.get_num_threads(), limit))
+def _threads(numel: int) -> int:
+    """Threads for a call on ``numel`` elements: PyTorch's count (Numba's is set to agree;
+    oversubscription is slow), or 1 below :data:`SERIAL_ELEMENTS`, where forking and joining
+    the pool costs more than the second core saves. Determined by the shape and
+    ``torch.get_num_threads()`` alone, as are the work split and therefore the results."""
+    t = torch.get_num_threads()
+    t = 1 if numel < SERIAL_ELEMENTS or t <= 1 else min(t, _MAX_THREADS)
     if numba.get_num_threads() != t:
         numba.set_num_threads(t)
     return t
+
+
+_MAX_THREADS = max(1, int(getattr(numba.config, "NUMBA_NUM_THREADS", 1)))
+# Below this many elements a call runs on one thread (see _threads and docs/notes/cpu.md).
+SERIAL_ELEMENTS = 1 << 18
 
 
 def nchw_chunks(c: int, ns: int, threads: int) -> int:
@@ -97,6 +105,16 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().reshape(-1).numpy()
 
 
+def _acc(t: Tensor, x: np.ndarray) -> np.ndarray:
+    """A per-channel vector as a NumPy array of ``x``'s dtype (the accumulation dtype)."""
+    if t.dtype != _TORCH[x.dtype.type]:
+        t = t.to(_TORCH[x.dtype.type])
+    return _np(t)
+
+
+_TORCH = {np.float32: torch.float32, np.float64: torch.float64}
+
+
 class _Args:
     """The arrays and scalars every kernel call shares, prepared once per call."""
 
@@ -108,7 +126,7 @@ class _Args:
         self.code = K.CODES[act]
         self.slope = self.dtype(slope)
         self.c = x.shape[1]
-        self.threads = _threads()
+        self.threads = _threads(x.numel())
         self.first = x.dim() == 3
         if self.first:
             self.n, self.s = x.shape[0], x.shape[2]
@@ -121,7 +139,7 @@ class _Args:
         """A per-channel vector in the accumulation dtype (``default`` where ``t`` is None)."""
         if t is None:
             return np.full(self.c, default, dtype=self.x.dtype)
-        return _np(t.to(torch.float64 if self.x.dtype == np.float64 else torch.float32))
+        return _acc(t, self.x)
 
     def partials(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-(channel, chunk) float64 partials, item ``c*P + p``."""
@@ -142,32 +160,23 @@ class _Args:
             K.nhwc_apply(self.x, y, self.r, self.has_res, self.m, self.c, self.p, mean, scale,
                          shift, self.code, self.slope)
 
-    def grad_sums(self, dy: np.ndarray, mean: np.ndarray, rstd: np.ndarray, scale: np.ndarray,
-                  shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(Σg, Σg·x̂)`` per channel, chunks summed in a fixed order."""
-        k = self.c * self.p
-        sg, sgx = np.empty(k), np.empty(k)
+    def backward(self, dy: np.ndarray, mean: np.ndarray, rstd: np.ndarray, scale: np.ndarray,
+                 shift: np.ndarray, training: bool, need_sums: bool, need_dx: bool,
+                 need_dres: bool, dx: np.ndarray, dres: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """One dispatch: ``(Σg, Σg·x̂)`` (returned) and ``dx``/``dres`` (written)."""
+        c, p = self.c, self.p
+        sg, sgx = np.empty(c, dtype=self.x.dtype), np.empty(c, dtype=self.x.dtype)
+        tg, tgx = np.empty(c * p), np.empty(c * p)
         if self.first:
-            K.nchw_backward_sums(dy, self.x, self.r, self.has_res, self.n, self.c, self.s,
-                                 self.p, mean, scale, shift, self.code, self.slope, sg, sgx)
+            K.nchw_backward(dy, self.x, self.r, self.has_res, self.n, c, self.s, p, mean, rstd,
+                            scale, shift, self.code, self.slope, training, need_sums, need_dx,
+                            need_dres, dx, dres, sg, sgx, tg, tgx)
         else:
-            K.nhwc_backward_sums(dy, self.x, self.r, self.has_res, self.m, self.c, self.p,
-                                 mean, scale, shift, self.code, self.slope, sg, sgx)
-        sum_g = sg.reshape(self.c, self.p).sum(1)
-        sum_gx = sgx.reshape(self.c, self.p).sum(1) * rstd
-        return sum_g.astype(self.x.dtype), sum_gx.astype(self.x.dtype)
-
-    def grad_apply(self, dy: np.ndarray, mean: np.ndarray, rstd: np.ndarray, scale: np.ndarray,
-                   shift: np.ndarray, a: np.ndarray, b: np.ndarray, dx: np.ndarray,
-                   dres: np.ndarray, need_dx: bool, need_dres: bool) -> None:
-        if self.first:
-            K.nchw_backward_apply(dy, self.x, self.r, self.has_res, self.n, self.c, self.s,
-                                  self.p, mean, rstd, scale, shift, a, b, self.code,
-                                  self.slope, need_dx, need_dres, dx, dres)
-        else:
-            K.nhwc_backward_apply(dy, self.x, self.r, self.has_res, self.m, self.c, self.p,
-                                  mean, rstd, scale, shift, a, b, self.code, self.slope,
-                                  need_dx, need_dres, dx, dres)
+            K.nhwc_backward(dy, self.x, self.r, self.has_res, self.m, c, p, mean, rstd, scale,
+                            shift, self.code, self.slope, training, need_sums, need_dx,
+                            need_dres, dx, dres, sg, sgx, tg, tgx)
+        return sg, sgx
 
 
 class CpuBackend(Backend):
@@ -197,9 +206,9 @@ class CpuBackend(Backend):
 
     def backward_reduce(self, grad_y, x, mean, rstd, scale, shift, residual, act, slope):
         args = _Args(x, residual, act, slope)
-        sum_g, sum_gx = args.grad_sums(_np(grad_y), args.vec(mean), args.vec(rstd),
-                                       args.vec(scale), args.vec(shift))
-        return torch.from_numpy(sum_g), torch.from_numpy(sum_gx)
+        sg, sgx = args.backward(_np(grad_y), args.vec(mean), args.vec(rstd), args.vec(scale),
+                                args.vec(shift), False, True, False, False, args.x, args.x)
+        return torch.from_numpy(sg), torch.from_numpy(sgx)
 
     def backward_apply(self, grad_y, x, mean, rstd, scale, shift, residual, act, slope,
                        a, b, need_dx, need_dres):
@@ -208,29 +217,39 @@ class CpuBackend(Backend):
         dres = torch.empty_like(x) if need_dres else None
         dxf = _np(dx) if dx is not None else args.x
         drf = _np(dres) if dres is not None else args.x
-        args.grad_apply(_np(grad_y), args.vec(mean), args.vec(rstd), args.vec(scale),
-                        args.vec(shift), args.vec(a), args.vec(b), dxf, drf, need_dx, need_dres)
+        zero = np.zeros(args.c, dtype=args.x.dtype)
+        av = zero if a is None else args.vec(a)
+        bv = zero if b is None else args.vec(b)
+        mf, rf, scf, shf = args.vec(mean), args.vec(rstd), args.vec(scale), args.vec(shift)
+        if args.first:
+            K.nchw_backward_apply(_np(grad_y), args.x, args.r, args.has_res, args.n, args.c,
+                                  args.s, args.p, mf, rf, scf, shf, av, bv, args.code,
+                                  args.slope, need_dx, need_dres, dxf, drf)
+        else:
+            K.nhwc_backward_apply(_np(grad_y), args.x, args.r, args.has_res, args.m, args.c,
+                                  args.p, mf, rf, scf, shf, av, bv, args.code, args.slope,
+                                  need_dx, need_dres, dxf, drf)
         return dx, dres
 
-    # -- fused paths ---------------------------------------------------------------------------
+    # -- fused paths: one Numba dispatch per call -------------------------------------------
     def forward_train(self, x, weight, bias, residual, eps, act, slope):
         args = _Args(x, residual, act, slope)
-        c = args.c
+        c, p = args.c, args.p
         y = torch.empty_like(x)
-        mean, var, rstd, scale, shift = (torch.empty(c, dtype=x.dtype) for _ in range(5))
-        yf, mf, vf, rf, scf, shf = (_np(t) for t in (y, mean, var, rstd, scale, shift))
-        w = _np(weight) if weight is not None else mf
-        b = _np(bias) if bias is not None else mf
+        stat = np.empty((6, c), dtype=args.x.dtype)
+        cnt, dlt, m2 = np.empty(c * p), np.empty(c * p), np.empty(c * p)
+        w = _acc(weight, args.x) if weight is not None else stat[0]
+        b = _acc(bias, args.x) if bias is not None else stat[0]
         eps_ = args.dtype(eps)
-        if args.first and args.p == 1:
-            K.nchw_train_fused(args.x, yf, args.r, args.has_res, args.n, c, args.s, w, b,
-                               weight is not None, bias is not None, eps_, args.code, args.slope,
-                               mf, vf, rf, scf, shf)
+        if args.first:
+            K.nchw_forward(args.x, _np(y), args.r, args.has_res, args.n, c, args.s, p, w, b,
+                           weight is not None, bias is not None, eps_, args.code, args.slope,
+                           stat, cnt, dlt, m2)
         else:
-            cnt, pm, pm2 = args.partials()
-            K.merge_finalize(cnt, pm, pm2, c, args.p, w, b, weight is not None,
-                             bias is not None, eps_, mf, vf, rf, scf, shf)
-            args.apply(yf, mf, scf, shf)
+            K.nhwc_forward(args.x, _np(y), args.r, args.has_res, args.m, c, p, w, b,
+                           weight is not None, bias is not None, eps_, args.code, args.slope,
+                           stat, cnt, dlt, m2)
+        mean, var, rstd = (torch.from_numpy(stat[i].copy()) for i in range(3))
         return y, mean, rstd, var
 
     def forward_eval(self, x, weight, bias, residual, mean, rstd, act, slope):
@@ -239,31 +258,15 @@ class CpuBackend(Backend):
     def backward(self, grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
                  need_dx, need_dweight, need_dbias, need_dres):
         args = _Args(x, residual, act, slope)
-        dy = _np(grad_y)
         mf, rf = args.vec(mean), args.vec(rstd)
         scf, shf = args.vec(S.scale_of(rstd, weight)), args.vec(bias)
-        need_sums = (training and need_dx) or need_dweight or need_dbias
+        need_sums = bool((training and need_dx) or need_dweight or need_dbias)
         dx = torch.empty_like(x) if need_dx else None
         dres = torch.empty_like(x) if need_dres else None
         dxf = _np(dx) if dx is not None else args.x
         drf = _np(dres) if dres is not None else args.x
-        c = args.c
-        if args.first and args.p == 1:
-            sg, sgx = np.empty(c, dtype=args.x.dtype), np.empty(c, dtype=args.x.dtype)
-            K.nchw_backward_fused(dy, args.x, args.r, args.has_res, args.n, c, args.s, mf, rf,
-                                  scf, shf, args.code, args.slope, bool(training and need_dx),
-                                  need_sums, need_dx, need_dres, dxf, drf, sg, sgx)
-        else:
-            zero = np.zeros(c, dtype=args.x.dtype)
-            sg = sgx = zero
-            if need_sums:
-                sg, sgx = args.grad_sums(dy, mf, rf, scf, shf)
-            a = b = zero
-            if training and need_dx:
-                count = x.numel() // c
-                a, b = (sg / count).astype(sg.dtype), (sgx / count).astype(sg.dtype)
-            if need_dx or need_dres:
-                args.grad_apply(dy, mf, rf, scf, shf, a, b, dxf, drf, need_dx, need_dres)
+        sg, sgx = args.backward(_np(grad_y), mf, rf, scf, shf, bool(training and need_dx),
+                                need_sums, need_dx, need_dres, dxf, drf)
         dweight = torch.from_numpy(sgx).to(weight.dtype) if need_dweight and weight is not None \
             else None
         dbias = torch.from_numpy(sg).to(bias.dtype) if need_dbias and bias is not None else None

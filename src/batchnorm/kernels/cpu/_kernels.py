@@ -11,14 +11,24 @@ Every array is a flat, contiguous 1-D view; shapes travel as integers:
 its own slot, so results never depend on scheduling (determinism). Accumulation: runs of at most
 ``_BLOCK`` elements in the accumulation dtype (vectorised), runs summed in float64.
 
-Statistics (the math of :mod:`batchnorm.stats`, not a second version of it): a chunk's partial is
-``(n, mean, m2)`` from a *shifted* sum ``mean = K + Σ(x - K)/n`` (``K`` the chunk's first sample,
-as ``stats.channel_partials``) and a second pass ``m2 = Σ(x - mean)²`` over the same, cache-resident
-chunk. Chunks are merged with the K-way Chan formula of ``stats.merge_many``::
+One call of the backend is one Numba dispatch: the entry points (``nchw_forward``,
+``nhwc_forward``, ``nchw_backward``, ``nhwc_backward``, ``*_apply``) hold every pass, with as few
+parallel regions as the data dependencies allow (one per channel-first call when a channel is one
+item; statistics region + apply region otherwise). Each region is a fork/join of the thread pool,
+which on a loaded machine costs a scheduler time slice.
 
-    n = Σ n_k;  mean = Σ n_k·mean_k / n;  m2 = Σ m2_k + Σ n_k·(mean_k - mean)²
+Statistics (the math of :mod:`batchnorm.stats`, not a second version of it): as
+``stats.centered_partials``, every element of channel ``c`` is shifted by one sample ``K_c`` of
+the channel (its first element); a chunk's partial is ``(n, δ = Σ(x - K)/n, m2 = Σ((x - K) - δ)²)``
+(the second sum a second pass over the same, cache-resident chunk). All chunks of a channel share
+``K_c``, so they are merged with the K-way Chan formula of ``stats.merge_many`` on the shifted
+means::
 
-and finalized as ``stats.finalize``: ``var = m2/n``, ``rstd = 1/sqrt(var + eps)``.
+    n = Σ n_k;  δ = Σ n_k·δ_k / n;  m2 = Σ m2_k + Σ n_k·(δ_k - δ)²
+
+and finalized as ``stats.finalize``: ``mean = K + δ``, ``var = m2/n``,
+``rstd = 1/sqrt(var + eps)``. The training forward normalizes the centered value
+``(x - K) - δ`` (exact to one rounding when ``|mean| ≫ std``), as the reference backend does.
 
 Forward ``y = act((x - mean)·scale + shift [+ r])``; backward (``g = dy·act'(pre)``, ``pre``
 recomputed from ``x``): ``sum_g = Σg``, ``sum_gx = rstd·Σ g·(x - mean)``,
@@ -36,12 +46,14 @@ NONE, RELU, LEAKY, SILU, GELU = 0, 1, 2, 3, 4
 CODES = {"none": NONE, "relu": RELU, "leaky_relu": LEAKY, "silu": SILU, "gelu": GELU}
 
 _BLOCK = 2048  # elements summed in the accumulation dtype before going to float64
+_FLUSH_ROWS = 256  # channels-last: rows summed in the accumulation dtype before float64
 _INV_SQRT2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 # reassoc/contract let LLVM vectorise the sums; never nnan/ninf: NaN must propagate so that
 # the running statistics can skip a non-finite batch. Helpers are inlined at the Numba IR level
-# and so compile under the flags of the kernel that calls them.
+# and so compile under the flags of the kernel that calls them. Vectorised reductions are
+# reassociated in a way fixed by the loop length alone, so results stay bitwise reproducible.
 _FM = {"reassoc", "contract"}
 _parallel = njit(cache=True, nogil=True, fastmath=_FM, parallel=True)
 _njit_inline = njit(inline="always", fastmath=_FM)
@@ -99,41 +111,48 @@ def _seg_shifted_sum(x, base, L, k, z):
 
 
 @_njit_inline
-def _seg_sq(x, base, L, m, z):
+def _seg_sq(x, base, L, k, dl, z):
+    """``Σ((x - K) - δ)²`` over a run."""
     xs = x[base:base + L]
     s = z
     for j in range(L):
-        d = xs[j] - m
+        d = (xs[j] - k) - dl
         s += d * d
     return s
 
 
 @_njit_inline
 def _act_inplace(y, base, L, code, slope, z):
-    """``y = act(y)`` over a run that is in L1 (the loop for ReLU stays vectorised)."""
+    """``y = act(y)`` over a run that is in L1 (non-ReLU activations)."""
     ys = y[base:base + L]
-    if code == RELU:
-        for j in range(L):
-            p = ys[j]
-            ys[j] = z if p <= z else p  # NaN propagates; -0 → +0 like torch
-    elif code != NONE:
-        for j in range(L):
-            ys[j] = _act(ys[j], code, slope, z, y)
+    for j in range(L):
+        ys[j] = _act(ys[j], code, slope, z, y)
 
 
 @_njit_inline
-def _seg_apply(x, y, r, base, L, m, sc, sh, has_res, code, slope, z):
-    """``y = act((x - m)·sc + sh [+ r])``: the affine pass, then the activation in place."""
+def _seg_apply(x, y, r, base, L, k, dl, sc, sh, has_res, code, slope, z):
+    """``y = act(((x - K) - δ)·sc + sh [+ r])`` (``K``, ``δ``: the centering of the channel)."""
     xs = x[base:base + L]
     ys = y[base:base + L]
     if has_res:
         rs = r[base:base + L]
-        for j in range(L):
-            ys[j] = (xs[j] - m) * sc + sh + rs[j]
+        if code == RELU:
+            for j in range(L):
+                p = ((xs[j] - k) - dl) * sc + sh + rs[j]
+                ys[j] = z if p <= z else p  # NaN propagates; -0 → +0 like torch
+        else:
+            for j in range(L):
+                ys[j] = ((xs[j] - k) - dl) * sc + sh + rs[j]
     else:
-        for j in range(L):
-            ys[j] = (xs[j] - m) * sc + sh
-    _act_inplace(y, base, L, code, slope, z)
+        if code == RELU:
+            for j in range(L):
+                p = ((xs[j] - k) - dl) * sc + sh
+                ys[j] = z if p <= z else p
+        else:
+            for j in range(L):
+                ys[j] = ((xs[j] - k) - dl) * sc + sh
+    if code != NONE and code != RELU:
+        _act_inplace(y, base, L, code, slope, z)
 
 
 @_njit_inline
@@ -203,9 +222,8 @@ def _run(i, b, C, S, c):
 
 
 @_njit_inline
-def _chunk_partials(x, C, S, c, a, b, z):
-    """``(n, mean, m2)`` of channel ``c``'s elements ``[a, b)`` (float64 results)."""
-    k = x[_run(a, b, C, S, c)[0]]
+def _chunk_partials(x, C, S, c, a, b, k, z):
+    """``(n, δ, m2)`` of channel ``c``'s elements ``[a, b)`` shifted by ``k`` (float64)."""
     tot = 0.0
     i = a
     while i < b:
@@ -213,245 +231,400 @@ def _chunk_partials(x, C, S, c, a, b, z):
         tot += _seg_shifted_sum(x, base, L, k, z)
         i += L
     cnt = b - a
-    mean = k + tot / cnt
-    m = x.dtype.type(mean)
+    delta = tot / cnt
+    dl = x.dtype.type(delta)
     tot2 = 0.0
     i = a
     while i < b:
         base, L = _run(i, b, C, S, c)
-        tot2 += _seg_sq(x, base, L, m, z)
+        tot2 += _seg_sq(x, base, L, k, dl, z)
         i += L
-    return float(cnt), mean, tot2
+    return float(cnt), delta, tot2
 
 
 @njit(inline="always")
-def _finalize(c, cnt, mean, m2, w, bias, has_w, has_b, eps, mean_o, var_o, rstd_o, scale_o,
-              shift_o):
-    """``stats.finalize`` + ``stats.scale_of`` for one channel, stored in the acc dtype."""
-    mean_o[c] = mean
-    var_o[c] = m2 / cnt
-    rstd_o[c] = 1.0 / math.sqrt(var_o[c] + eps)
-    scale_o[c] = w[c] * rstd_o[c] if has_w else rstd_o[c]
-    shift_o[c] = bias[c] if has_b else 0.0
+def _finalize(c, cnt, k, delta, m2, w, bias, has_w, has_b, eps, stat):
+    """``stats.finalize`` + ``stats.scale_of`` for one channel.
+
+    ``stat`` rows (accumulation dtype): mean, var, rstd, scale, shift, δ (the centering)."""
+    stat[0, c] = k + delta
+    stat[1, c] = m2 / cnt
+    stat[2, c] = 1.0 / math.sqrt(stat[1, c] + eps)
+    stat[3, c] = w[c] * stat[2, c] if has_w else stat[2, c]
+    stat[4, c] = bias[c] if has_b else 0.0
+    stat[5, c] = delta
+
+
+@njit(inline="always")
+def _merge(cnt, dlt, m2, c, P):
+    """K-way Chan merge of ``stats.merge_many`` over items ``c*P .. c*P+P-1`` (shared shift)."""
+    n = 0.0
+    s = 0.0
+    for p in range(P):
+        n += cnt[c * P + p]
+        s += cnt[c * P + p] * dlt[c * P + p]
+    mu = s / n
+    q = 0.0
+    for p in range(P):
+        d = dlt[c * P + p] - mu
+        q += m2[c * P + p] + cnt[c * P + p] * d * d
+    return n, mu, q
+
+
+# ------------------------------------------------------------------------------------------
+# channels-first (N, C, S)
+
+
+@_njit_inline
+def _nchw_apply_chunk(x, y, r, has_res, C, S, c, a, b, k, dl, sc, sh, code, slope, z):
+    i = a
+    while i < b:
+        base, L = _run(i, b, C, S, c)
+        _seg_apply(x, y, r, base, L, k, dl, sc, sh, has_res, code, slope, z)
+        i += L
 
 
 @_parallel
-def nchw_train_fused(x, y, r, has_res, N, C, S, w, bias, has_w, has_b, eps, code, slope,
-                     mean_o, var_o, rstd_o, scale_o, shift_o):
-    """Training forward, one channel per item: stats and output while the slab is in cache."""
+def nchw_forward(x, y, r, has_res, N, C, S, P, w, bias, has_w, has_b, eps, code, slope, stat,
+                 cnt, dlt, m2):
+    """Training forward. ``P == 1``: one channel per item, statistics and output while the
+    channel's slab is in cache (one parallel region). ``P > 1``: chunk partials, merge, output
+    (two regions). ``cnt``/``dlt``/``m2`` are ``C*P`` float64 scratch."""
     z = x.dtype.type(0.0)
     NS = N * S
-    for c in prange(C):
-        cnt, mean, m2 = _chunk_partials(x, C, S, c, 0, NS, z)
-        _finalize(c, cnt, mean, m2, w, bias, has_w, has_b, eps, mean_o, var_o, rstd_o,
-                  scale_o, shift_o)
-        m = mean_o[c]
-        sc = scale_o[c]
-        sh = shift_o[c]
-        i = 0
-        while i < NS:
-            base, L = _run(i, NS, C, S, c)
-            _seg_apply(x, y, r, base, L, m, sc, sh, has_res, code, slope, z)
-            i += L
+    if P == 1:
+        for c in prange(C):
+            k = x[c * S]
+            n_, d_, q_ = _chunk_partials(x, C, S, c, 0, NS, k, z)
+            _finalize(c, n_, k, d_, q_, w, bias, has_w, has_b, eps, stat)
+            _nchw_apply_chunk(x, y, r, has_res, C, S, c, 0, NS, k, x.dtype.type(d_),
+                              stat[3, c], stat[4, c], code, slope, z)
+    else:
+        for it in prange(C * P):
+            c = it // P
+            p = it - c * P
+            n_, d_, q_ = _chunk_partials(x, C, S, c, p * NS // P, (p + 1) * NS // P, x[c * S], z)
+            cnt[it] = n_
+            dlt[it] = d_
+            m2[it] = q_
+        for c in range(C):  # P > 1 only with few channels
+            n_, d_, q_ = _merge(cnt, dlt, m2, c, P)
+            _finalize(c, n_, x[c * S], d_, q_, w, bias, has_w, has_b, eps, stat)
+        for it in prange(C * P):
+            c = it // P
+            p = it - c * P
+            _nchw_apply_chunk(x, y, r, has_res, C, S, c, p * NS // P, (p + 1) * NS // P, x[c * S],
+                              x.dtype.type(stat[5, c]), stat[3, c], stat[4, c], code, slope, z)
 
 
 @_parallel
 def nchw_partials(x, N, C, S, P, cnt_o, mean_o, m2_o):
-    """Per-(channel, chunk) partials; item ``c*P + p``."""
+    """Per-(channel, chunk) partials ``(n, mean, m2)``; item ``c*P + p``."""
     z = x.dtype.type(0.0)
     NS = N * S
     for it in prange(C * P):
         c = it // P
         p = it - c * P
-        cnt, mean, m2 = _chunk_partials(x, C, S, c, p * NS // P, (p + 1) * NS // P, z)
-        cnt_o[it] = cnt
-        mean_o[it] = mean
-        m2_o[it] = m2
-
-
-@_parallel
-def merge_finalize(cnt, mean, m2, C, P, w, bias, has_w, has_b, eps, mean_o, var_o, rstd_o,
-                   scale_o, shift_o):
-    """K-way Chan merge of ``stats.merge_many`` per channel (items ``c*P + p``), then finalize."""
-    for c in prange(C):
-        n = 0.0
-        s = 0.0
-        for p in range(P):
-            n += cnt[c * P + p]
-            s += cnt[c * P + p] * mean[c * P + p]
-        mu = s / n
-        q = 0.0
-        for p in range(P):
-            d = mean[c * P + p] - mu
-            q += m2[c * P + p] + cnt[c * P + p] * d * d
-        _finalize(c, n, mu, q, w, bias, has_w, has_b, eps, mean_o, var_o, rstd_o, scale_o,
-                  shift_o)
+        k = x[c * S]
+        n_, d_, q_ = _chunk_partials(x, C, S, c, p * NS // P, (p + 1) * NS // P, k, z)
+        cnt_o[it] = n_
+        mean_o[it] = k + d_
+        m2_o[it] = q_
 
 
 @_parallel
 def nchw_apply(x, y, r, has_res, N, C, S, P, mean, scale, shift, code, slope):
+    """``y = act((x - mean)·scale + shift [+ r])`` (eval forward and the distributed path)."""
     z = x.dtype.type(0.0)
     NS = N * S
     for it in prange(C * P):
         c = it // P
         p = it - c * P
-        a = p * NS // P
-        b = (p + 1) * NS // P
-        i = a
-        while i < b:
-            base, L = _run(i, b, C, S, c)
-            _seg_apply(x, y, r, base, L, mean[c], scale[c], shift[c], has_res, code, slope, z)
-            i += L
+        _nchw_apply_chunk(x, y, r, has_res, C, S, c, p * NS // P, (p + 1) * NS // P, mean[c],
+                          z, scale[c], shift[c], code, slope, z)
+
+
+@_njit_inline
+def _nchw_sums_chunk(dy, x, r, has_res, C, S, c, a, b, m, sc, sh, code, slope, g, z):
+    sg = 0.0
+    sgx = 0.0
+    i = a
+    while i < b:
+        base, L = _run(i, b, C, S, c)
+        _seg_grad(dy, x, r, g, base, L, m, sc, sh, has_res, code, slope, z)
+        u, v = _seg_sums(x, g, base, L, m, z)
+        sg += u
+        sgx += v
+        i += L
+    return sg, sgx
+
+
+@_njit_inline
+def _nchw_dx_chunk(dy, x, r, has_res, C, S, c, a, b, m, sc, sh, code, slope, aa, rb,
+                   need_dx, need_dres, dx, dres, g, z):
+    i = a
+    while i < b:
+        base, L = _run(i, b, C, S, c)
+        _seg_grad(dy, x, r, g, base, L, m, sc, sh, has_res, code, slope, z)
+        _seg_dx(x, g, dx, dres, base, L, m, sc, aa, rb, need_dx, need_dres)
+        i += L
 
 
 @_parallel
-def nchw_backward_fused(dy, x, r, has_res, N, C, S, mean, rstd, scale, shift, code, slope,
-                        training, need_sums, need_dx, need_dres, dx, dres, sg_o, sgx_o):
-    """Backward, one channel per item: sums, then dx/dres from the cache-resident slab."""
+def nchw_backward(dy, x, r, has_res, N, C, S, P, mean, rstd, scale, shift, code, slope,
+                  training, need_sums, need_dx, need_dres, dx, dres, sg_o, sgx_o, tg, tgx):
+    """Backward: ``(Σg, Σg·x̂)`` then ``dx``/``dres``. ``P == 1``: one channel per item, the
+    second pass from the cache-resident slab (one region); ``P > 1``: chunk sums (``tg``/``tgx``
+    float64 scratch of ``C*P``), fixed-order combine, apply (two regions)."""
     z = x.dtype.type(0.0)
     NS = N * S
-    for c in prange(C):
-        g = np.empty(_BLOCK, dtype=x.dtype)
-        m = mean[c]
-        sc = scale[c]
-        sh = shift[c]
-        sg = 0.0
-        sgx = 0.0
+    if P == 1:
+        for c in prange(C):
+            g = np.empty(_BLOCK, dtype=x.dtype)
+            m = mean[c]
+            sg = 0.0
+            sgx = 0.0
+            if need_sums:
+                sg, sgx = _nchw_sums_chunk(dy, x, r, has_res, C, S, c, 0, NS, m, scale[c],
+                                           shift[c], code, slope, g, z)
+            sg_o[c] = sg
+            sgx_o[c] = sgx * rstd[c]
+            aa = z
+            rb = z
+            if training:
+                aa = x.dtype.type(sg / NS)
+                rb = x.dtype.type(sgx_o[c] / NS) * rstd[c]
+            if need_dx or need_dres:
+                _nchw_dx_chunk(dy, x, r, has_res, C, S, c, 0, NS, m, scale[c], shift[c], code,
+                               slope, aa, rb, need_dx, need_dres, dx, dres, g, z)
+    else:
         if need_sums:
-            i = 0
-            while i < NS:
-                base, L = _run(i, NS, C, S, c)
-                _seg_grad(dy, x, r, g, base, L, m, sc, sh, has_res, code, slope, z)
-                u, v = _seg_sums(x, g, base, L, m, z)
-                sg += u
-                sgx += v
-                i += L
-        sg_o[c] = sg
-        sgx_o[c] = sgx * rstd[c]
-        a = z
-        rb = z
-        if training:
-            a = x.dtype.type(sg / NS)
-            rb = x.dtype.type(sgx_o[c] / NS) * rstd[c]
+            for it in prange(C * P):
+                g = np.empty(_BLOCK, dtype=x.dtype)
+                c = it // P
+                p = it - c * P
+                tg[it], tgx[it] = _nchw_sums_chunk(dy, x, r, has_res, C, S, c, p * NS // P,
+                                                   (p + 1) * NS // P, mean[c], scale[c],
+                                                   shift[c], code, slope, g, z)
+        for c in range(C):
+            sg = 0.0
+            sgx = 0.0
+            if need_sums:
+                for p in range(P):
+                    sg += tg[c * P + p]
+                    sgx += tgx[c * P + p]
+            sg_o[c] = sg
+            sgx_o[c] = sgx * rstd[c]
         if need_dx or need_dres:
-            i = 0
-            while i < NS:
-                base, L = _run(i, NS, C, S, c)
-                _seg_grad(dy, x, r, g, base, L, m, sc, sh, has_res, code, slope, z)
-                _seg_dx(x, g, dx, dres, base, L, m, sc, a, rb, need_dx, need_dres)
-                i += L
-
-
-@_parallel
-def nchw_backward_sums(dy, x, r, has_res, N, C, S, P, mean, scale, shift, code, slope,
-                       sg_o, sgx_o):
-    """Per-(channel, chunk) ``(Σg, Σg·(x - mean))`` in float64; item ``c*P + p``."""
-    z = x.dtype.type(0.0)
-    NS = N * S
-    for it in prange(C * P):
-        g = np.empty(_BLOCK, dtype=x.dtype)
-        c = it // P
-        p = it - c * P
-        e = (p + 1) * NS // P
-        sg = 0.0
-        sgx = 0.0
-        i = p * NS // P
-        while i < e:
-            base, L = _run(i, e, C, S, c)
-            _seg_grad(dy, x, r, g, base, L, mean[c], scale[c], shift[c], has_res, code, slope,
-                      z)
-            u, v = _seg_sums(x, g, base, L, mean[c], z)
-            sg += u
-            sgx += v
-            i += L
-        sg_o[it] = sg
-        sgx_o[it] = sgx
-
-
-@_parallel
-def nchw_backward_apply(dy, x, r, has_res, N, C, S, P, mean, rstd, scale, shift, a, b, code,
-                        slope, need_dx, need_dres, dx, dres):
-    z = x.dtype.type(0.0)
-    NS = N * S
-    for it in prange(C * P):
-        g = np.empty(_BLOCK, dtype=x.dtype)
-        c = it // P
-        p = it - c * P
-        rb = rstd[c] * b[c]
-        e = (p + 1) * NS // P
-        i = p * NS // P
-        while i < e:
-            base, L = _run(i, e, C, S, c)
-            _seg_grad(dy, x, r, g, base, L, mean[c], scale[c], shift[c], has_res, code, slope,
-                      z)
-            _seg_dx(x, g, dx, dres, base, L, mean[c], scale[c], a[c], rb, need_dx, need_dres)
-            i += L
+            for it in prange(C * P):
+                g = np.empty(_BLOCK, dtype=x.dtype)
+                c = it // P
+                p = it - c * P
+                aa = z
+                rb = z
+                if training:
+                    aa = x.dtype.type(sg_o[c] / NS)
+                    rb = x.dtype.type(sgx_o[c] / NS) * rstd[c]
+                _nchw_dx_chunk(dy, x, r, has_res, C, S, c, p * NS // P, (p + 1) * NS // P, mean[c],
+                               scale[c], shift[c], code, slope, aa, rb, need_dx, need_dres, dx,
+                               dres, g, z)
 
 
 # ------------------------------------------------------------------------------------------
 # channels-last (M, C): rows split into P blocks; inner loops run along C (vectorised)
 
 
+# Rows are taken four at a time: the per-channel vectors (shift, accumulators, scale, ...) are
+# loaded once per four rows instead of once per row (the loops along C are L1-bound otherwise).
+
+
+@_njit_inline
+def _flush(tot, run, C, z):
+    for c in range(C):
+        tot[c] += run[c]
+        run[c] = z
+
+
+@_njit_inline
+def _nhwc_block_partials(x, C, r0, r1, k, dlt_o, m2_o, P, p, z):
+    """Shifted partials of rows ``[r0, r1)``: ``δ`` and ``m2`` per channel into item ``c*P+p``."""
+    tot = np.zeros(C)
+    run = np.zeros(C, dtype=x.dtype)
+    cnt = 0
+    row = r0
+    while row < r1:
+        if row + 4 <= r1:
+            x0 = x[row * C:(row + 1) * C]
+            x1 = x[(row + 1) * C:(row + 2) * C]
+            x2 = x[(row + 2) * C:(row + 3) * C]
+            x3 = x[(row + 3) * C:(row + 4) * C]
+            for c in range(C):
+                kc = k[c]
+                run[c] += ((x0[c] - kc) + (x1[c] - kc)) + ((x2[c] - kc) + (x3[c] - kc))
+            row += 4
+            cnt += 4
+        else:
+            x0 = x[row * C:(row + 1) * C]
+            for c in range(C):
+                run[c] += x0[c] - k[c]
+            row += 1
+            cnt += 1
+        if cnt >= _FLUSH_ROWS or row == r1:  # flush the acc-dtype run into float64
+            _flush(tot, run, C, z)
+            cnt = 0
+    n = r1 - r0
+    dl = np.empty(C, dtype=x.dtype)
+    for c in range(C):
+        d = tot[c] / n
+        dlt_o[c * P + p] = d
+        dl[c] = d
+        tot[c] = 0.0
+    row = r0
+    while row < r1:
+        if row + 4 <= r1:
+            x0 = x[row * C:(row + 1) * C]
+            x1 = x[(row + 1) * C:(row + 2) * C]
+            x2 = x[(row + 2) * C:(row + 3) * C]
+            x3 = x[(row + 3) * C:(row + 4) * C]
+            for c in range(C):
+                kc = k[c]
+                dc = dl[c]
+                e0 = (x0[c] - kc) - dc
+                e1 = (x1[c] - kc) - dc
+                e2 = (x2[c] - kc) - dc
+                e3 = (x3[c] - kc) - dc
+                run[c] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+            row += 4
+            cnt += 4
+        else:
+            x0 = x[row * C:(row + 1) * C]
+            for c in range(C):
+                e = (x0[c] - k[c]) - dl[c]
+                run[c] += e * e
+            row += 1
+            cnt += 1
+        if cnt >= _FLUSH_ROWS or row == r1:
+            _flush(tot, run, C, z)
+            cnt = 0
+    for c in range(C):
+        m2_o[c * P + p] = tot[c]
+
+
+@_njit_inline
+def _relu_or_id(v, code, z):
+    if code == RELU:
+        return z if v <= z else v  # NaN propagates; -0 → +0 like torch
+    return v
+
+
+@_njit_inline
+def _nhwc_apply_rows(x, y, r, has_res, C, r0, r1, k, dl, scale, shift, code, slope, z):
+    """``y = act(((x - k) - dl)·scale + shift [+ r])`` for rows ``[r0, r1)``."""
+    simple = code == NONE or code == RELU  # noqa: SIM109 (kept plain for Numba)
+    row = r0
+    if simple and not has_res:
+        while row + 4 <= r1:
+            o = row * C
+            x0 = x[o:o + C]
+            x1 = x[o + C:o + 2 * C]
+            x2 = x[o + 2 * C:o + 3 * C]
+            x3 = x[o + 3 * C:o + 4 * C]
+            y0 = y[o:o + C]
+            y1 = y[o + C:o + 2 * C]
+            y2 = y[o + 2 * C:o + 3 * C]
+            y3 = y[o + 3 * C:o + 4 * C]
+            for c in range(C):
+                kc = k[c]
+                dc = dl[c]
+                s = scale[c]
+                h = shift[c]
+                y0[c] = _relu_or_id(((x0[c] - kc) - dc) * s + h, code, z)
+                y1[c] = _relu_or_id(((x1[c] - kc) - dc) * s + h, code, z)
+                y2[c] = _relu_or_id(((x2[c] - kc) - dc) * s + h, code, z)
+                y3[c] = _relu_or_id(((x3[c] - kc) - dc) * s + h, code, z)
+            row += 4
+    elif simple:
+        while row + 2 <= r1:
+            o = row * C
+            x0 = x[o:o + C]
+            x1 = x[o + C:o + 2 * C]
+            q0 = r[o:o + C]
+            q1 = r[o + C:o + 2 * C]
+            y0 = y[o:o + C]
+            y1 = y[o + C:o + 2 * C]
+            for c in range(C):
+                kc = k[c]
+                dc = dl[c]
+                s = scale[c]
+                h = shift[c]
+                y0[c] = _relu_or_id(((x0[c] - kc) - dc) * s + h + q0[c], code, z)
+                y1[c] = _relu_or_id(((x1[c] - kc) - dc) * s + h + q1[c], code, z)
+            row += 2
+    while row < r1:
+        o = row * C
+        xr = x[o:o + C]
+        yr = y[o:o + C]
+        if has_res:
+            rr = r[o:o + C]
+            for c in range(C):
+                yr[c] = _relu_or_id(((xr[c] - k[c]) - dl[c]) * scale[c] + shift[c] + rr[c],
+                                    code, z)
+        else:
+            for c in range(C):
+                yr[c] = _relu_or_id(((xr[c] - k[c]) - dl[c]) * scale[c] + shift[c], code, z)
+        if not simple:
+            _act_inplace(y, o, C, code, slope, z)
+        row += 1
+
+
+@_parallel
+def nhwc_forward(x, y, r, has_res, M, C, P, w, bias, has_w, has_b, eps, code, slope, stat,
+                 cnt, dlt, m2):
+    """Training forward: block partials (shift: the first row), merge, output; two regions."""
+    z = x.dtype.type(0.0)
+    k = x[0:C]
+    for p in prange(P):
+        _nhwc_block_partials(x, C, p * M // P, (p + 1) * M // P, k, dlt, m2, P, p, z)
+    for p in range(P):
+        n_ = float((p + 1) * M // P - p * M // P)
+        for c in range(C):
+            cnt[c * P + p] = n_
+    for c in range(C):
+        n_, d_, q_ = _merge(cnt, dlt, m2, c, P)
+        _finalize(c, n_, k[c], d_, q_, w, bias, has_w, has_b, eps, stat)
+    dl = np.empty(C, dtype=x.dtype)
+    sc = np.empty(C, dtype=x.dtype)
+    sh = np.empty(C, dtype=x.dtype)
+    for c in range(C):
+        dl[c] = stat[5, c]
+        sc[c] = stat[3, c]
+        sh[c] = stat[4, c]
+    for p in prange(P):
+        _nhwc_apply_rows(x, y, r, has_res, C, p * M // P, (p + 1) * M // P, k, dl, sc, sh,
+                         code, slope, z)
+
+
 @_parallel
 def nhwc_partials(x, M, C, P, cnt_o, mean_o, m2_o):
-    """Per-(channel, row block) partials, item ``c*P + p``; shift = the block's first row."""
+    """Per-(channel, row block) partials ``(n, mean, m2)``, item ``c*P + p``."""
     z = x.dtype.type(0.0)
+    k = x[0:C]
     for p in prange(P):
         r0 = p * M // P
         r1 = (p + 1) * M // P
-        k = x[r0 * C:(r0 + 1) * C]
-        tot = np.zeros(C)
-        run = np.zeros(C, dtype=x.dtype)
-        cnt = 0
-        for row in range(r0, r1):
-            xr = x[row * C:(row + 1) * C]
-            for c in range(C):
-                run[c] += xr[c] - k[c]
-            cnt += 1
-            if cnt == 256 or row == r1 - 1:  # flush the accumulation-dtype run into float64
-                for c in range(C):
-                    tot[c] += run[c]
-                    run[c] = z
-                cnt = 0
-        n = r1 - r0
-        m = np.empty(C, dtype=x.dtype)
+        _nhwc_block_partials(x, C, r0, r1, k, mean_o, m2_o, P, p, z)
         for c in range(C):
-            mu = k[c] + tot[c] / n
-            mean_o[c * P + p] = mu
-            m[c] = mu
-            tot[c] = 0.0
-        for row in range(r0, r1):
-            xr = x[row * C:(row + 1) * C]
-            for c in range(C):
-                d = xr[c] - m[c]
-                run[c] += d * d
-            cnt += 1
-            if cnt == 256 or row == r1 - 1:
-                for c in range(C):
-                    tot[c] += run[c]
-                    run[c] = z
-                cnt = 0
-        for c in range(C):
-            m2_o[c * P + p] = tot[c]
-            cnt_o[c * P + p] = n
+            mean_o[c * P + p] += k[c]
+            cnt_o[c * P + p] = r1 - r0
 
 
 @_parallel
 def nhwc_apply(x, y, r, has_res, M, C, P, mean, scale, shift, code, slope):
     z = x.dtype.type(0.0)
+    zero = np.zeros(C, dtype=x.dtype)
     for p in prange(P):
-        for row in range(p * M // P, (p + 1) * M // P):
-            o = row * C
-            xr = x[o:o + C]
-            yr = y[o:o + C]
-            if has_res:
-                rr = r[o:o + C]
-                for c in range(C):
-                    yr[c] = (xr[c] - mean[c]) * scale[c] + shift[c] + rr[c]
-            else:
-                for c in range(C):
-                    yr[c] = (xr[c] - mean[c]) * scale[c] + shift[c]
-            _act_inplace(y, o, C, code, slope, z)
+        _nhwc_apply_rows(x, y, r, has_res, C, p * M // P, (p + 1) * M // P, mean, zero, scale,
+                         shift, code, slope, z)
 
 
 @_njit_inline
@@ -485,58 +658,105 @@ def _row_grad(dy, x, r, g, o, C, mean, scale, shift, has_res, code, slope, z):
         g[c] = _grad(dr[c], g[c], code, slope, z, x)
 
 
-@_parallel
-def nhwc_backward_sums(dy, x, r, has_res, M, C, P, mean, scale, shift, code, slope,
-                       sg_o, sgx_o):
-    """Per-(channel, row block) ``(Σg, Σg·(x - mean))`` in float64; item ``c*P + p``."""
-    z = x.dtype.type(0.0)
-    for p in prange(P):
-        r0 = p * M // P
-        r1 = (p + 1) * M // P
-        g = np.empty(C, dtype=x.dtype)
-        tg = np.zeros(C)
-        tgx = np.zeros(C)
-        rg = np.zeros(C, dtype=x.dtype)
-        rgx = np.zeros(C, dtype=x.dtype)
-        cnt = 0
-        for row in range(r0, r1):
-            o = row * C
-            _row_grad(dy, x, r, g, o, C, mean, scale, shift, has_res, code, slope, z)
-            xr = x[o:o + C]
-            for c in range(C):
-                rg[c] += g[c]
-                rgx[c] += g[c] * (xr[c] - mean[c])
-            cnt += 1
-            if cnt == 256 or row == r1 - 1:
-                for c in range(C):
-                    tg[c] += rg[c]
-                    tgx[c] += rgx[c]
-                    rg[c] = z
-                    rgx[c] = z
-                cnt = 0
+@_njit_inline
+def _nhwc_block_sums(dy, x, r, has_res, C, r0, r1, mean, scale, shift, code, slope, sg_o,
+                     sgx_o, P, p, z):
+    """Per-channel ``(Σg, Σg·(x - mean))`` of rows ``[r0, r1)`` (float64) into item ``c*P+p``."""
+    tg = np.zeros(C)
+    tgx = np.zeros(C)
+    rg = np.zeros(C, dtype=x.dtype)
+    rgx = np.zeros(C, dtype=x.dtype)
+    cnt = 0
+    g = np.empty(C, dtype=x.dtype)
+    for row in range(r0, r1):
+        o = row * C
+        _row_grad(dy, x, r, g, o, C, mean, scale, shift, has_res, code, slope, z)
+        xr = x[o:o + C]
         for c in range(C):
-            sg_o[c * P + p] = tg[c]
-            sgx_o[c * P + p] = tgx[c]
+            rg[c] += g[c]
+            rgx[c] += g[c] * (xr[c] - mean[c])
+        cnt += 1
+        if cnt == _FLUSH_ROWS or row == r1 - 1:
+            _flush(tg, rg, C, z)
+            _flush(tgx, rgx, C, z)
+            cnt = 0
+    for c in range(C):
+        sg_o[c * P + p] = tg[c]
+        sgx_o[c * P + p] = tgx[c]
+
+
+@_njit_inline
+def _nhwc_dx_rows(dy, x, r, has_res, C, r0, r1, mean, scale, shift, code, slope, a, rb,
+                  need_dx, need_dres, dx, dres, z):
+    g = np.empty(C, dtype=x.dtype)
+    for row in range(r0, r1):
+        o = row * C
+        _row_grad(dy, x, r, g, o, C, mean, scale, shift, has_res, code, slope, z)
+        if need_dx:
+            xr = x[o:o + C]
+            dxr = dx[o:o + C]
+            for c in range(C):
+                dxr[c] = scale[c] * (g[c] - a[c] - (xr[c] - mean[c]) * rb[c])
+        if need_dres:
+            drr = dres[o:o + C]
+            for c in range(C):
+                drr[c] = g[c]
+
+
+@_parallel
+def nhwc_backward(dy, x, r, has_res, M, C, P, mean, rstd, scale, shift, code, slope,
+                  training, need_sums, need_dx, need_dres, dx, dres, sg_o, sgx_o, tg, tgx):
+    """Backward: block sums (region 1), fixed-order combine, ``dx``/``dres`` (region 2)."""
+    z = x.dtype.type(0.0)
+    if need_sums:
+        for p in prange(P):
+            _nhwc_block_sums(dy, x, r, has_res, C, p * M // P, (p + 1) * M // P, mean, scale,
+                             shift, code, slope, tg, tgx, P, p, z)
+    a = np.zeros(C, dtype=x.dtype)
+    rb = np.zeros(C, dtype=x.dtype)
+    for c in range(C):
+        sg = 0.0
+        sgx = 0.0
+        if need_sums:
+            for p in range(P):
+                sg += tg[c * P + p]
+                sgx += tgx[c * P + p]
+        sg_o[c] = sg
+        sgx_o[c] = sgx * rstd[c]
+        if training:
+            a[c] = sg / M
+            rb[c] = x.dtype.type(sgx_o[c] / M) * rstd[c]
+    if need_dx or need_dres:
+        for p in prange(P):
+            _nhwc_dx_rows(dy, x, r, has_res, C, p * M // P, (p + 1) * M // P, mean, scale,
+                          shift, code, slope, a, rb, need_dx, need_dres, dx, dres, z)
+
+
+# ------------------------------------------------------------------------------------------
+# backward apply with given a, b (the distributed path: a, b come from all-reduced sums)
+
+
+@_parallel
+def nchw_backward_apply(dy, x, r, has_res, N, C, S, P, mean, rstd, scale, shift, a, b, code,
+                        slope, need_dx, need_dres, dx, dres):
+    z = x.dtype.type(0.0)
+    NS = N * S
+    for it in prange(C * P):
+        g = np.empty(_BLOCK, dtype=x.dtype)
+        c = it // P
+        p = it - c * P
+        _nchw_dx_chunk(dy, x, r, has_res, C, S, c, p * NS // P, (p + 1) * NS // P, mean[c],
+                       scale[c], shift[c], code, slope, a[c], rstd[c] * b[c], need_dx,
+                       need_dres, dx, dres, g, z)
 
 
 @_parallel
 def nhwc_backward_apply(dy, x, r, has_res, M, C, P, mean, rstd, scale, shift, a, b, code,
                         slope, need_dx, need_dres, dx, dres):
     z = x.dtype.type(0.0)
+    rb = np.empty(C, dtype=x.dtype)
+    for c in range(C):
+        rb[c] = rstd[c] * b[c]
     for p in prange(P):
-        g = np.empty(C, dtype=x.dtype)
-        rb = np.empty(C, dtype=x.dtype)
-        for c in range(C):
-            rb[c] = rstd[c] * b[c]
-        for row in range(p * M // P, (p + 1) * M // P):
-            o = row * C
-            _row_grad(dy, x, r, g, o, C, mean, scale, shift, has_res, code, slope, z)
-            if need_dx:
-                xr = x[o:o + C]
-                dxr = dx[o:o + C]
-                for c in range(C):
-                    dxr[c] = scale[c] * (g[c] - a[c] - (xr[c] - mean[c]) * rb[c])
-            if need_dres:
-                drr = dres[o:o + C]
-                for c in range(C):
-                    drr[c] = g[c]
+        _nhwc_dx_rows(dy, x, r, has_res, C, p * M // P, (p + 1) * M // P, mean, scale, shift,
+                      code, slope, a, rb, need_dx, need_dres, dx, dres, z)
