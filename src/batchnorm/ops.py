@@ -90,8 +90,9 @@ def _backward_impl(
         grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
         need_dx, need_dweight and weight is not None, need_dbias and bias is not None, need_dres,
     )
-    empty = x.new_empty((0,))
-    return tuple(empty if t is None else t for t in (dx, dw, db, dr))  # type: ignore[return-value]
+    # one fresh empty tensor per missing gradient: op outputs may not alias each other
+    return tuple(x.new_empty((0,)) if t is None else t  # type: ignore[return-value]
+                 for t in (dx, dw, db, dr))
 
 
 @torch.library.custom_op("batchnorm::backward", mutates_args=())
