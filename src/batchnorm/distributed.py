@@ -29,11 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import ops
 from . import stats as S
 from ._errors import BatchNormValueError
 from .activations import ActivationSpec, parse_activation
-from .functional import _warn_skipped, canonicalize, check_arguments, to_layout
+from .functional import canonicalize, check_arguments, to_layout, update_running_statistics
 from .kernels import select
 
 __all__ = ["is_distributed", "sync_batch_norm"]
@@ -112,13 +111,11 @@ def sync_batch_norm(
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
         else:
-            ok = ops.update_running_stats(
-                running_mean, running_var, num_batches_tracked, num_batches_skipped,
-                mean, S.unbiased_var(var, total), 0.0 if momentum is None else float(momentum),
-                momentum is None,
+            update_running_statistics(
+                running_mean, running_var, mean, S.unbiased_var(var, total), momentum,
+                num_batches_tracked=num_batches_tracked, num_batches_skipped=num_batches_skipped,
+                layer_name=layer_name,
             )
-            if input.device.type == "cpu" and not ok:
-                _warn_skipped(layer_name, num_batches_skipped)
     return restore(y)
 
 

@@ -113,14 +113,38 @@ def batch_norm_impl(
             if num_batches_tracked is not None:
                 num_batches_tracked.add_(1)
         else:
-            ok = ops.update_running_stats(
-                running_mean, running_var, num_batches_tracked, num_batches_skipped,
-                mean, S.unbiased_var(var, count), 0.0 if momentum is None else float(momentum),
-                momentum is None,
+            update_running_statistics(
+                running_mean, running_var, mean, S.unbiased_var(var, count), momentum,
+                num_batches_tracked=num_batches_tracked, num_batches_skipped=num_batches_skipped,
+                layer_name=layer_name,
             )
-            if input.device.type == "cpu" and not torch.compiler.is_compiling() and not ok:
-                _warn_skipped(layer_name, num_batches_skipped)
     return restore(y)
+
+
+def update_running_statistics(
+    running_mean: Tensor,
+    running_var: Tensor,
+    mean: Tensor,
+    var_unbiased: Tensor,
+    momentum: float | None,
+    *,
+    num_batches_tracked: Tensor | None = None,
+    num_batches_skipped: Tensor | None = None,
+    layer_name: str | None = None,
+) -> None:
+    """The running-statistics policy every layer shares (plain, distributed, variants).
+
+    Blends a batch's ``mean`` and unbiased variance in with ``momentum`` (``None``: cumulative
+    average over ``num_batches_tracked``); a batch whose statistics are not finite changes
+    nothing but ``num_batches_skipped``, and is reported right away on the CPU (where reading
+    the flag costs no device synchronization).
+    """
+    ok = ops.update_running_stats(
+        running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var_unbiased,
+        0.0 if momentum is None else float(momentum), momentum is None,
+    )
+    if running_mean.device.type == "cpu" and not torch.compiler.is_compiling() and not ok:
+        _warn_skipped(layer_name, num_batches_skipped)
 
 
 def _warn_skipped(layer_name: str | None, skipped: Tensor | None) -> None:

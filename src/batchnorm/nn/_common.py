@@ -11,30 +11,24 @@ from __future__ import annotations
 import math
 import numbers
 
-import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import ops
-from ..functional import _warn_skipped
+from ..functional import update_running_statistics
 
 
-def update_running(module: _BatchNorm, mean: Tensor, var_unbiased: Tensor,
-                   device: torch.device) -> None:
+def update_running(module: _BatchNorm, mean: Tensor, var_unbiased: Tensor) -> None:
     """Blend a batch's ``mean`` and unbiased variance into ``module``'s running statistics, as
-    :func:`batchnorm.functional.batch_norm_impl` does for plain BN (``device``: the input's)."""
+    :func:`batchnorm.functional.batch_norm_impl` does for plain BN."""
     running_mean, running_var = module.running_mean, module.running_var
     if running_mean is None or running_var is None:
         return
-    skipped: Tensor | None = getattr(module, "num_batches_skipped", None)
-    ok = ops.update_running_stats(
-        running_mean, running_var, module.num_batches_tracked, skipped,
-        mean, var_unbiased,
-        0.0 if module.momentum is None else float(module.momentum), module.momentum is None,
+    update_running_statistics(
+        running_mean, running_var, mean, var_unbiased, module.momentum,
+        num_batches_tracked=module.num_batches_tracked,
+        num_batches_skipped=getattr(module, "num_batches_skipped", None),
+        layer_name=getattr(module, "layer_name", None) or type(module).__name__,
     )
-    if device.type == "cpu" and not torch.compiler.is_compiling() and not ok:
-        name = getattr(module, "layer_name", None) or type(module).__name__
-        _warn_skipped(name, skipped)
 
 
 def check_real(name: str, value: object, *, minimum: float, inclusive: bool = True) -> float:

@@ -96,7 +96,7 @@ class _GhostBatchNorm(_BatchNormBase):
                 torch.cat([p.m2 for p in partials]),
             ))
             mean, var, _ = S.finalize(merged, self.eps)
-            update_running(self, mean, S.unbiased_var(var, n * spatial), input.device)
+            update_running(self, mean, S.unbiased_var(var, n * spatial))
         return out
 
     def _grouped(self, x: Tensor, k: int, residual: Tensor | None) -> tuple[Tensor, S.Partials]:

@@ -115,7 +115,7 @@ class MaskedBatchNorm1d(_BatchNormBase, torch.nn.BatchNorm1d):
             # An all-padding batch has no statistics: blend the running ones into themselves.
             update_running(self, torch.where(empty, self.running_mean.to(acc), mean),
                            torch.where(empty, self.running_var.to(acc),
-                                       S.unbiased_var(var, total)), input.device)
+                                       S.unbiased_var(var, total)))
         return y.to(input.dtype)
 
 
