@@ -1,5 +1,6 @@
-"""Small pieces the variant modules share: running-statistics update from given batch statistics,
-and the checks of their extra constructor arguments.
+"""Small pieces the modules share: running-statistics update from given batch statistics, the
+checks of the variants' extra constructor arguments, and the all-or-nothing module swap that the
+converters (convert_model, convert_sync_batchnorm, freeze/unfreeze) walk models with.
 
 The variants that compute their own batch statistics (ghost, masked) hand them here; the update
 itself is :func:`batchnorm.ops.update_running_stats` (with its non-finite skip): no statistics
@@ -10,11 +11,41 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..functional import update_running_statistics
+
+
+def swap_modules(model: nn.Module,
+                 replacement: Callable[[nn.Module, str], nn.Module | None]) -> nn.Module:
+    """Replace each submodule for which ``replacement(module, path)`` returns a module.
+
+    Replaced modules are not descended into. Every replacement is built before any is installed,
+    so a refusal (an exception from ``replacement``) leaves the model unchanged, never
+    half-converted. Returns ``model``, or the root's replacement.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    replacements: dict[str, nn.Module] = {}
+
+    def visit(m: nn.Module, path: str) -> None:
+        new = replacement(m, path)
+        if new is not None:
+            replacements[path] = new
+            return
+        for name, child in m.named_children():
+            visit(child, f"{path}.{name}" if path else name)
+
+    visit(model, "")
+    if "" in replacements:
+        return replacements[""]
+    for path, new in replacements.items():
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent), name, new)
+    return model
 
 
 def update_running(module: _BatchNorm, mean: Tensor, var_unbiased: Tensor) -> None:

@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .._errors import BatchNormValueError, describe
 from ..activations import ActivationSpec, parse_activation, spec_of
 from ..functional import batch_norm_impl
+from ._common import swap_modules
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase, check_constructor
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, _GhostBatchNorm
 from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, _BatchRenorm
@@ -216,26 +217,7 @@ def _unfreeze_one(m: nn.Module, path: str) -> nn.Module | None:
 
 
 def _convert(model: nn.Module, one: Any) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    # Every replacement first: a refusal leaves the model untouched, never half-converted.
-    replacements: dict[str, nn.Module] = {}
-
-    def visit(m: nn.Module, path: str) -> None:
-        new = one(m, path)
-        if new is not None:
-            replacements[path] = new
-            return
-        for name, child in m.named_children():
-            visit(child, f"{path}.{name}" if path else name)
-
-    visit(model, "")
-    if "" in replacements:
-        return replacements[""]
-    for path, new in replacements.items():
-        parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, new)
-    return model
+    return swap_modules(model, one)
 
 
 def freeze(model: nn.Module) -> nn.Module:

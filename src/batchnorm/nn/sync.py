@@ -23,6 +23,7 @@ from ..activations import ActivationSpec
 from ..distributed import is_distributed, sync_batch_norm
 from ..functional import check_input
 from ..tools.convert import move_state, register_conversion
+from ._common import swap_modules
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -161,39 +162,28 @@ def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Mo
         process_group: the group for the new layers; ``None`` keeps a converted
             ``torch.nn.SyncBatchNorm``'s group and otherwise means the world. Default: None
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    # Build every replacement first: a refusal leaves the model untouched.
-    replacements: dict[str, nn.Module] = {}
     regroup: list[SyncBatchNorm] = []
 
-    def visit(m: nn.Module, path: str) -> None:
+    def one(m: nn.Module, path: str) -> nn.Module | None:
         kind = type(m)
         if kind is SyncBatchNorm:
             regroup.append(m)  # type: ignore[arg-type]
-            return
+            return None
         if kind in _TO_SYNC:
-            replacements[path] = _to_sync(m, path, process_group)
-            return
+            return _to_sync(m, path, process_group)
         if isinstance(m, _BatchNorm):
             raise ValueError(
                 f"convert_sync_batchnorm: layer {path or '<root>'!r} is a {kind.__module__}."
                 f"{kind.__qualname__}, a batch-norm class this conversion does not know; "
                 "converting it could drop its behaviour, so the model was left unchanged"
             )
-        for name, child in m.named_children():
-            visit(child, f"{path}.{name}" if path else name)
+        return None
 
-    visit(model, "")
+    converted = swap_modules(model, one)
     if process_group is not None:
         for layer in regroup:
             layer.process_group = process_group
-    if "" in replacements:
-        return replacements[""]
-    for path, new in replacements.items():
-        parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, new)
-    return model
+    return converted
 
 
 def _sync_to_torch(m: nn.Module, path: str) -> nn.Module:

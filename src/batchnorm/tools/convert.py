@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..activations import module_of, parse_activation
+from ..nn._common import swap_modules
 from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase
 from .fold import is_batch_norm
 
@@ -149,24 +150,8 @@ def convert_model(model: nn.Module, target: str = "batchnorm", *,
                             f"BatchNorm3d, got {sync_to!r}")
     _import_optional()
 
-    # Build every replacement first: a refusal leaves the model untouched, never half-converted.
-    replacements: dict[str, nn.Module] = {}
-
-    def visit(m: nn.Module, path: str) -> None:
-        new = _convert_one(m, path, target, unfuse_activations, sync_to)
-        if new is not None:
-            replacements[path] = new
-            return
-        for name, child in m.named_children():
-            visit(child, f"{path}.{name}" if path else name)
-
-    visit(model, "")
-    if "" in replacements:
-        return replacements[""]
-    for path, new in replacements.items():
-        parent, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent), name, new)
-    return model
+    return swap_modules(
+        model, lambda m, path: _convert_one(m, path, target, unfuse_activations, sync_to))
 
 
 def _convert_one(m: nn.Module, path: str, target: str, unfuse_activations: bool,
