@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import batchnorm.functional as BF
+from batchnorm import kernels
 from batchnorm.kernels import select
 
 SHAPES_4D = [
@@ -144,14 +145,14 @@ def main() -> None:
     rounds = 5 if args.quick else args.rounds
     cases = [(s, lay) for s in shapes for lay in ("nchw", "nhwc")] + [(SHAPE_2D, "nc")]
     impls = ["ours", "eager", "copy"] + (["compile"] if args.compile else [])
+    # Time the cpu kernels on every shape, whatever default selection (Backend.prefers) picks.
+    os.environ.setdefault(kernels.ENV_VAR, "cpu")
     probe = torch.randn(2, 4, 3)
     backend = select(probe).name
-    ctime = compile_time()
     rows = []
     header = (f"{'shape':>20} {'lay':>4} {'op':>11} {'mode':>6} {'ours ms':>8} {'eager ms':>8} "
               f"{'x eager':>7} {'bw/copy':>7}" + (f" {'x comp':>6}" if args.compile else ""))
-    print(f"backend={backend} threads={torch.get_num_threads()} load={load_before:.2f} "
-          f"numba first-call compile {ctime:.1f}s")
+    print(f"backend={backend} threads={torch.get_num_threads()} load={load_before:.2f}")
     print(header)
     for shape, layout in cases:
         for op in OPS:
@@ -190,6 +191,8 @@ def main() -> None:
             summary[f"{op}_{mode}_min_speedup_4d"] = min(sp) if sp else float("nan")
     print(json.dumps(summary, indent=1))
     load_after = os.getloadavg()[0]
+    ctime = compile_time()  # last: compiling loads the machine
+    print(f"numba first-call compile {ctime:.1f}s")
     out = {
         "command": "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
