@@ -248,19 +248,22 @@ def _update_impl(
     ``cumulative`` (``momentum=None`` in the modules) uses ``1 / num_batches_tracked`` as the
     factor, counting only the batches that were applied.
     """
-    ok = torch.isfinite(torch.cat((mean, var_unbiased))).all()
     work = torch.float64 if running_mean.device.type != "mps" else torch.float32
+    batch = torch.stack((mean, var_unbiased)).to(work)  # (2, C): one pass for both statistics
+    ok = torch.isfinite(batch).all()
     factor: Tensor | float = momentum
     if num_batches_tracked is not None:
-        tracked = num_batches_tracked + ok.to(num_batches_tracked.dtype)
+        tracked = num_batches_tracked + ok
         if cumulative:
             factor = 1.0 / tracked.clamp(min=1).to(work)
         num_batches_tracked.copy_(tracked)
     if num_batches_skipped is not None:
-        num_batches_skipped.add_((~ok).to(num_batches_skipped.dtype))
-    running_mean.copy_(S.update_running(running_mean, mean.to(work), factor, ok))
-    running_var.copy_(S.update_running(running_var, var_unbiased.to(work), factor, ok))
-    return ok.clone()
+        num_batches_skipped.add_(~ok)
+    running = torch.stack((running_mean, running_var))
+    new = S.update_running(running, batch, factor, ok)
+    running_mean.copy_(new[0])
+    running_var.copy_(new[1])
+    return ok
 
 
 update_running_stats_op = torch.library.custom_op(
