@@ -180,26 +180,35 @@ def test_primitives_match_reference(strategy, layout):
             torch.testing.assert_close(g, e, **OUT_TOL[torch.float16])
 
 
+@pytest.mark.parametrize("shifted", [False, True])
 @pytest.mark.parametrize("k", [1, 7, 300])
-def test_merge_kernel_is_stats_merge_many(k):
-    """The split forward's in-kernel merge + finalize agrees with stats.merge_many/finalize."""
+def test_merge_kernel_is_stats_merge_many(k, shifted):
+    """The split forward's in-kernel merge + finalize agrees with stats.merge_many/finalize;
+    shifted: the partial means are of ``x - K`` and the kernel also writes ``K + δ``."""
     from batchnorm.kernels import triton as T
 
     c = 37
     n = torch.randint(1, 50, (k, c), device=DEVICE).float()
-    mean = torch.randn(k, c, device=DEVICE) * 3 + 100
+    mean = torch.randn(k, c, device=DEVICE) * 3 + (0 if shifted else 100)
     m2 = torch.rand(k, c, device=DEVICE) * n
     w = torch.rand(c, device=DEVICE) + 0.5
-    out = [torch.empty(c, device=DEVICE) for _ in range(4)]
+    x = torch.randn(2, c, 3, device=DEVICE) * 10 + 1e3  # K = x[0, :, 0]
+    out_mean, out_delta, out_rstd, out_var, out_scale = (
+        torch.full((c,), float("nan"), device=DEVICE) for _ in range(5))
     be = STRATEGIES["split"]
     grid, blocks, warps = be._reduction(k, c)
-    T._merge_kernel[grid](n, mean, m2, w, *out, k, c, 1e-5, HAS_W=True, **blocks,
+    T._merge_kernel[grid](n, mean, m2, w, x if shifted else None, out_mean,
+                          out_delta if shifted else None, out_rstd, out_var, out_scale, k, c,
+                          x.shape[2], 1e-5, HAS_W=True, SHIFTED=shifted, **blocks, INT64=False,
                           num_warps=warps)
     exp_mean, exp_var, exp_rstd = S.finalize(S.merge_many(S.Partials(n, mean, m2)), 1e-5)
-    torch.testing.assert_close(out[0], exp_mean, rtol=1e-6, atol=0)
-    torch.testing.assert_close(out[2], exp_var, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out[1], exp_rstd, rtol=1e-5, atol=0)
-    torch.testing.assert_close(out[3], S.scale_of(exp_rstd, w), rtol=1e-5, atol=0)
+    if shifted:
+        torch.testing.assert_close(out_delta, exp_mean, rtol=1e-6, atol=1e-6)
+        exp_mean = x[0, :, 0] + out_delta
+    torch.testing.assert_close(out_mean, exp_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out_var, exp_var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_rstd, exp_rstd, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out_scale, S.scale_of(exp_rstd, w), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -213,6 +222,31 @@ def test_large_mean_against_float64(strategy, layout):
     dims = (0, 2) if x.dim() == 3 else (0,)
     torch.testing.assert_close(mean.double(), x64.mean(dims), rtol=2.5e-7, atol=0)  # 2 ulp
     torch.testing.assert_close(var.double(), x64.var(dims, unbiased=False), rtol=2e-4, atol=0)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("layout", ["first", "last"])
+def test_large_mean_output_against_float64(strategy, layout):
+    """|mean|/std = 1e4 in float32: the training forward normalizes (x - K) - δ (K one sample
+    of the channel, δ the mean of x - K), as stats.centered_partials does, so y is exact to a
+    few roundings; x - round(mean) would carry half an ulp of |mean| (~5e-4 here) as PyTorch
+    does. Compared with float64 statistics of the same float32 input; mean stays K + δ."""
+    torch.manual_seed(0)
+    x = _canonical(layout, 8, 3, 32, torch.float32, scale=1.0, offset=1e4)
+    w, b = _params(3, torch.float32)
+    y, mean, _rstd, _var = STRATEGIES[strategy].forward_train(x, w, b, None, 1e-5, "none", 0.0)
+    x64 = x.double()
+    dims = (0, 2) if x.dim() == 3 else (0,)
+    view = (1, -1, 1) if x.dim() == 3 else (1, -1)
+    m64, v64 = x64.mean(dims), x64.var(dims, unbiased=False)
+    y64 = (x64 - m64.view(view)) / torch.sqrt(v64.view(view) + 1e-5) * w.double().view(view) \
+        + b.double().view(view)
+    err = (y.double() - y64).abs().max().item()
+    err_torch = (torch.nn.functional.batch_norm(x, None, None, w, b, True, 0.1, 1e-5).double()
+                 - y64).abs().max().item()
+    assert err <= 4e-6, err
+    assert err <= err_torch, (err, err_torch)
+    torch.testing.assert_close(mean.double(), m64, rtol=2.5e-7, atol=0)  # K + δ in float32
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -358,13 +392,17 @@ for act in range(5):
     check(K._bwd_persistent_kernel, ACT=act, TRAINING=True, **bwd, **flags)
 check(K._fwd_persistent_kernel, ACT=1, HAS_W=False, HAS_B=False, HAS_RES=False,
       BLOCK_R=64, BLOCK_C=32, BLOCK_S=1)
-check(K._partials_kernel, INT64=True)
+for shifted in (True, False):
+    check(K._partials_kernel, SHIFTED=shifted, INT64=True)
+    check(K._merge_kernel, HAS_W=True, SHIFTED=shifted, BLOCK_K=64, BLOCK_C=32,
+          INT64=shifted)
+    check(K._apply_kernel, ACT=1, HAS_SCALE=True, SHIFTED=shifted, INT64=shifted, **flags)
 for has_w in (True, False):
-    check(K._merge_kernel, HAS_W=has_w, BLOCK_K=64, BLOCK_C=32)
+    check(K._merge_kernel, HAS_W=has_w, SHIFTED=True, BLOCK_K=64, BLOCK_C=32)
     check(K._bwd_sum_kernel, HAS_W=has_w, NEED_SCALE=True, NEED_DW=True, NEED_DB=True,
           BLOCK_K=64, BLOCK_C=32)
 for has_scale in (True, False):
-    check(K._apply_kernel, ACT=4, HAS_SCALE=has_scale, **flags)
+    check(K._apply_kernel, ACT=4, HAS_SCALE=has_scale, SHIFTED=False, **flags)
     check(K._bwd_reduce_kernel, ACT=3, HAS_SCALE=has_scale, **flags)
 for training in (True, False):
     check(K._bwd_apply_kernel, ACT=2, HAS_B=True, HAS_RES=True, TRAINING=training,

@@ -12,15 +12,19 @@ Two strategies, chosen by size (``persistent_max``, overridable per instance):
   one program per channel block reads ``x`` once, computes the statistics in registers and
   writes ``y`` once (backward: reads ``x``, ``dy`` once, writes ``dx`` once).
 - **split** — each tile writes its partials ``(n, mean, m2)`` (backward: ``(Σg, Σg·x̂)``) into a
-  ``(K, C)`` buffer; the host merges them with :func:`batchnorm.stats.merge_many` (a few
-  torch ops, no synchronization) and an elementwise kernel applies the result.
+  ``(K, C)`` buffer; a merge kernel combines them with the formula of
+  :func:`batchnorm.stats.merge_many` in a fixed order (no synchronization) and an elementwise
+  kernel applies the result.
 
 The math is that of :mod:`batchnorm.stats` and :mod:`batchnorm.kernels.base`::
 
-    tile partials:  n = #valid, mean = K + Σ(x - K)/n, m2 = Σ(x - mean)²
-                    (K: the tile's first element, a shift that keeps the sum well conditioned)
+    tile partials:  n = #valid, δ_k = Σ(x - K)/n, m2 = Σ((x - K) - δ_k)²
+                    (K: the channel's first sample, the same for every tile of the channel)
+    merge:          δ = Σ n_k·δ_k / n, m2 = Σ m2_k + Σ n_k·(δ_k - δ)², mean = K + δ
     finalize:       var = m2/n, rstd = 1/sqrt(var + eps), scale = γ·rstd
-    forward:        y = act((x - mean)·scale + β [+ residual])
+    forward:        y = act(((x - K) - δ)·scale + β [+ residual])  (training, as
+                    stats.centered_partials: exact to one rounding when |mean| ≫ std)
+                    y = act((x - mean)·scale + β [+ residual])     (eval, apply)
     backward:       g = dy·act'(pre), x̂ = (x - mean)·rstd, Σg, Σg·x̂,
                     dx = scale·(g - Σg/n - x̂·Σg·x̂/n) (training), dx = scale·g (eval), dres = g
 
@@ -89,7 +93,8 @@ def _act_grad(p, slope, ACT: tl.constexpr):
 def _tile(pid, R, C, S, stride_r, stride_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
           BLOCK_S: tl.constexpr, INT64: tl.constexpr):
     """Tile ``pid`` of the 1-D grid: ``(offsets, mask)`` of shape (BR, BC, BS), its channels
-    ``cols`` (BC,) with their mask, its chunk index ``k`` and the offset of its first element."""
+    ``cols`` (BC,) with their mask, its chunk index ``k`` and the offset of each channel's
+    first sample ``x[0, c, 0]`` (the shift K, the same for every tile of the channel)."""
     n_cb = tl.cdiv(C, BLOCK_C)
     n_sb = tl.cdiv(S, BLOCK_S)
     pid_c = pid % n_cb
@@ -107,7 +112,7 @@ def _tile(pid, R, C, S, stride_r, stride_c, BLOCK_R: tl.constexpr, BLOCK_C: tl.c
     s3 = sp[None, None, :]
     mask = (r3 < R) & (c3 < C) & (s3 < S)
     offs = r3 * stride_r + c3 * stride_c + s3
-    first = r0 * stride_r + cols * stride_c + s0  # (BC,): the tile's first element per channel
+    first = cols * stride_c  # (BC,): x[0, c, 0]
     return offs, mask, cols, cols < C, k, first
 
 
@@ -147,9 +152,11 @@ def _fwd_persistent_kernel(
         tl.program_id(0), R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(x_ptr + first, mask=cmask, other=0.0).to(tl.float32)
-    mean = shift + _sum3(tl.where(mask, x - shift[None, :, None], 0.0)) / n
-    xc = tl.where(mask, x - mean[None, :, None], 0.0)
+    xs = x - shift[None, :, None]
+    delta = _sum3(tl.where(mask, xs, 0.0)) / n
+    xc = tl.where(mask, xs - delta[None, :, None], 0.0)  # x - mean without rounding the mean
     var = _sum3(xc * xc) / n
+    mean = shift + delta
     rstd = 1.0 / tl.sqrt(var + eps)
     scale = rstd
     if HAS_W:
@@ -165,18 +172,25 @@ def _fwd_persistent_kernel(
 @triton.jit
 def _partials_kernel(
     x_ptr, n_ptr, mean_ptr, m2_ptr, R, C, S, stride_r, stride_c,
+    SHIFTED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
 ):
+    """Tile partials of ``x - K`` (K = x[0, c, 0]); the stored mean is δ_k when SHIFTED, else
+    K + δ_k (the partials of x itself)."""
     offs, mask, cols, cmask, k, first = _tile(
         tl.program_id(0), R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(x_ptr + first, mask=cmask, other=0.0).to(tl.float32)
     cnt = _sum3(mask.to(tl.float32))
-    mean = shift + _sum3(tl.where(mask, x - shift[None, :, None], 0.0)) / tl.maximum(cnt, 1.0)
-    xc = tl.where(mask, x - mean[None, :, None], 0.0)
+    xs = x - shift[None, :, None]
+    delta = _sum3(tl.where(mask, xs, 0.0)) / tl.maximum(cnt, 1.0)
+    xc = tl.where(mask, xs - delta[None, :, None], 0.0)
     out = k * C + cols
     tl.store(n_ptr + out, cnt, mask=cmask)
-    tl.store(mean_ptr + out, mean, mask=cmask)
+    if SHIFTED:
+        tl.store(mean_ptr + out, delta, mask=cmask)
+    else:
+        tl.store(mean_ptr + out, shift + delta, mask=cmask)
     tl.store(m2_ptr + out, _sum3(xc * xc), mask=cmask)
 
 
@@ -195,14 +209,17 @@ def _channel_scale(scale_ptr, rstd, w_ptr, cols, cmask,
 
 @triton.jit
 def _merge_kernel(
-    n_ptr, mean_ptr, m2_ptr, w_ptr, out_mean_ptr, out_rstd_ptr, out_var_ptr, out_scale_ptr, K, C,
-    eps,
-    HAS_W: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    n_ptr, mean_ptr, m2_ptr, w_ptr, x_ptr, out_mean_ptr, out_delta_ptr, out_rstd_ptr,
+    out_var_ptr, out_scale_ptr, K, C, stride_c, eps,
+    HAS_W: tl.constexpr, SHIFTED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    INT64: tl.constexpr,
 ):
     """Merge the (K, C) tile partials and finalize, in a fixed order (deterministic).
 
     The formulas of ``stats.merge_many`` and ``stats.finalize``: n = Σ n_k,
     mean = Σ n_k·m_k / n, m2 = Σ m2_k + Σ n_k·(m_k - mean)², var = m2/n, rstd = 1/sqrt(var+eps).
+    SHIFTED: the partial means are δ_k of ``x - K`` (K = x[0, c, 0]); the merged δ goes to
+    ``out_delta`` and ``K + δ`` to ``out_mean``. Otherwise the merged mean goes to ``out_mean``.
     """
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -229,6 +246,13 @@ def _merge_kernel(
     var = m2 / safe
     rstd = 1.0 / tl.sqrt(var + eps)
     scale = _channel_scale(None, rstd, w_ptr, cols, cmask, False, HAS_W)
+    if SHIFTED:
+        ch = cols
+        if INT64:  # more than 2**31 elements: 32-bit offsets would wrap
+            ch = cols.to(tl.int64)
+        shift = tl.load(x_ptr + ch * stride_c, mask=cmask, other=0.0).to(tl.float32)  # x[0,c,0]
+        tl.store(out_delta_ptr + cols, mean, mask=cmask)
+        mean = shift + mean
     tl.store(out_mean_ptr + cols, mean, mask=cmask)
     tl.store(out_rstd_ptr + cols, rstd, mask=cmask)
     tl.store(out_var_ptr + cols, var, mask=cmask)
@@ -240,12 +264,16 @@ def _apply_kernel(
     x_ptr, mean_ptr, scale_ptr, rstd_ptr, w_ptr, b_ptr, res_ptr, y_ptr,
     R, C, S, stride_r, stride_c, slope,
     HAS_SCALE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
-    ACT: tl.constexpr,
+    ACT: tl.constexpr, SHIFTED: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
 ):
-    offs, mask, cols, cmask, _k, _first = _tile(
+    """y = act((x - mean)·scale + β + r); SHIFTED: ``mean_ptr`` holds δ and ``x - mean`` is
+    ``(x - K) - δ`` with K = x[0, c, 0] (the training forward's centered form)."""
+    offs, mask, cols, cmask, _k, first = _tile(
         tl.program_id(0), R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SHIFTED:
+        x = x - tl.load(x_ptr + first, mask=cmask, other=0.0).to(tl.float32)[None, :, None]
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
     rstd = 1.0
     if not HAS_SCALE:
@@ -498,29 +526,32 @@ class TritonBackend(Backend):
         bk = min(triton.next_power_of_2(k), max(1, _pow2_at_most(max(self.tile, 1) // bc)))
         return (triton.cdiv(c, bc),), {"BLOCK_K": bk, "BLOCK_C": bc}, 4
 
-    def _partials(self, x: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
+    def _partials(self, x: Tensor, plan: _Plan, shifted: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(K, C) tile partials; ``shifted``: means of ``x - K`` (δ_k), else of ``x``."""
         n, mean, m2 = (x.new_empty((plan.K, plan.C), dtype=torch.float32) for _ in range(3))
-        _partials_kernel[plan.grid](x, n, mean, m2, *plan.dims(), **plan.blocks,
-                                    num_warps=plan.num_warps)
+        _partials_kernel[plan.grid](x, n, mean, m2, *plan.dims(), SHIFTED=shifted,
+                                    **plan.blocks, num_warps=plan.num_warps)
         return n, mean, m2
 
     # -- primitives -----------------------------------------------------------------------------
     def stats(self, x: Tensor) -> S.Partials:
         plan = self._persistent(x) or self._split(x)
-        return S.merge_many(S.Partials(*self._partials(x, plan)))
+        return S.merge_many(S.Partials(*self._partials(x, plan, False)))
 
     def apply(self, x, mean, scale, shift, residual, act, slope):
         return self._apply(x, mean, scale.contiguous(), None, None, shift, residual, act, slope)
 
-    def _apply(self, x, mean, scale, rstd, weight, bias, residual, act, slope) -> Tensor:
-        """y = act((x - mean)·scale + β + r); ``scale`` given, or γ·rstd computed in-kernel."""
+    def _apply(self, x, mean, scale, rstd, weight, bias, residual, act, slope,
+               shifted: bool = False) -> Tensor:
+        """y = act((x - mean)·scale + β + r); ``scale`` given, or γ·rstd computed in-kernel.
+        ``shifted``: ``mean`` is δ and ``x - mean`` is computed as ``(x - K) - δ``."""
         plan = self._split(x)
         y = torch.empty_like(x)
         _apply_kernel[plan.grid](
             x, mean.contiguous(), scale, _opt(rstd), _opt(weight), _opt(bias), _opt(residual),
             y, *plan.dims(), float(slope), HAS_SCALE=scale is not None,
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
-            ACT=_ACT[act], **plan.blocks, num_warps=plan.num_warps,
+            ACT=_ACT[act], SHIFTED=shifted, **plan.blocks, num_warps=plan.num_warps,
         )
         return y
 
@@ -578,13 +609,16 @@ class TritonBackend(Backend):
         plan = self._persistent(x)
         if plan is None:  # split: tile partials -> merge + finalize -> apply (3 launches)
             plan = self._split(x)
-            n, pmean, pm2 = self._partials(x, plan)
-            mean, rstd, var, scale = (x.new_empty((plan.C,), dtype=acc) for _ in range(4))
+            # The partials and the apply shift by K = x[0, c, 0], the merge yields δ and
+            # mean = K + δ, and the apply normalizes (x - K) - δ (stats.centered_partials).
+            n, pdelta, pm2 = self._partials(x, plan, True)
+            mean, delta, rstd, var, scale = (x.new_empty((plan.C,), dtype=acc) for _ in range(5))
             grid, blocks, warps = self._reduction(plan.K, plan.C)
-            _merge_kernel[grid](n, pmean, pm2, _opt(weight), mean, rstd, var, scale, plan.K,
-                                plan.C, float(eps), HAS_W=weight is not None, **blocks,
-                                num_warps=warps)
-            y = self._apply(x, mean, scale, None, None, bias, residual, act, slope)
+            _merge_kernel[grid](n, pdelta, pm2, _opt(weight), x, mean, delta, rstd, var, scale,
+                                plan.K, plan.C, plan.stride_c, float(eps),
+                                HAS_W=weight is not None, SHIFTED=True, **blocks,
+                                INT64=plan.blocks["INT64"], num_warps=warps)
+            y = self._apply(x, delta, scale, None, None, bias, residual, act, slope, True)
             return y, mean, rstd, var
         y = torch.empty_like(x)
         mean, rstd, var = (x.new_empty((plan.C,), dtype=acc) for _ in range(3))
