@@ -211,10 +211,10 @@ class _EagerForward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, *inputs):  # type: ignore[override]
-        output = _forward_impl(*inputs)
-        _setup_forward(ctx, inputs, output)
-        return output
+    def forward(*inputs):  # type: ignore[override]
+        return _forward_impl(*inputs)
+
+    setup_context = staticmethod(_setup_forward)
 
     @staticmethod
     def backward(ctx, grad_y, gmean, grstd, gvar):  # type: ignore[override]
