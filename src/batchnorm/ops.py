@@ -18,6 +18,7 @@ tensors and are turned into ``None`` here.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import stats as S
@@ -230,6 +231,13 @@ def forward(
     args = (x, weight, bias, residual, running_mean, running_var, training, eps, act, slope)
     if torch.compiler.is_compiling():
         return forward_op(*args)  # type: ignore[no-any-return]
+    if _forward_ad.__dict__.get("_current_level", -1) >= 0:
+        # Forward-mode AD (dual tensors): plain differentiable ops carry the tangents; the
+        # statistics for the running update still come from the backend.
+        with torch.no_grad():
+            _y, mean, rstd, var = _forward_impl(*args)
+        y = _composite_forward(x, weight, bias, residual, mean, rstd, training, eps, act, slope)
+        return y, mean, rstd, var
     return _EagerForward.apply(*args)  # type: ignore[no-any-return]
 
 
