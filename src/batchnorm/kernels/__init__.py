@@ -72,9 +72,16 @@ def available_backends() -> list[str]:
     return [name for name in _LOADERS if get_backend(name) is not None]
 
 
+_forced_cache: tuple[str | None, str | None] = (None, None)
+
+
 def forced() -> str | None:
-    value = os.environ.get(ENV_VAR, "").strip().lower()
-    return value or None
+    """The backend named by ``BATCHNORM_BACKEND`` (parsed once per distinct value)."""
+    global _forced_cache
+    raw = os.environ.get(ENV_VAR)
+    if raw != _forced_cache[0]:
+        _forced_cache = (raw, (raw or "").strip().lower() or None)
+    return _forced_cache[1]
 
 
 def select(x: Tensor) -> Backend:
