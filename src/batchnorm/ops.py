@@ -145,9 +145,8 @@ def _composite_forward(x, weight, bias, residual, mean, rstd, training, eps, act
     xf = x.to(acc)
     shape = (1, -1, 1) if x.dim() == 3 else (1, -1)
     if training:
-        dims = (0, 2) if x.dim() == 3 else (0,)
-        m = xf.mean(dims, keepdim=True)
-        r = torch.rsqrt((xf - m).square().mean(dims, keepdim=True) + eps)
+        m, var = S.differentiable_moments(xf)
+        r = S.rstd_from_var(var, eps)
     else:
         m, r = mean.view(shape), rstd.view(shape)
     pre = (xf - m) * r

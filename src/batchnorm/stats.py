@@ -38,6 +38,7 @@ __all__ = [
     "accumulation_dtype",
     "channel_partials",
     "centered_partials",
+    "differentiable_moments",
     "merge",
     "merge_many",
     "finalize",
@@ -88,6 +89,14 @@ def centered_partials(x: Tensor) -> tuple[Partials, Tensor]:
     centered = shifted - delta.view(shape)
     m2 = centered.square().sum(dims)
     return Partials(count, shift + delta, m2), centered
+
+
+def differentiable_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of a canonical tensor as plain differentiable ops,
+    shaped to broadcast against ``x`` (the double-backward and forward-mode AD paths use it)."""
+    dims: tuple[int, ...] = (0, 2) if x.dim() == 3 else (0,)
+    mean = x.mean(dims, keepdim=True)
+    return mean, (x - mean).square().mean(dims, keepdim=True)
 
 
 def channel_partials(x: Tensor) -> Partials:
