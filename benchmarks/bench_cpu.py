@@ -3,6 +3,7 @@
     python benchmarks/bench_cpu.py                  # full run, writes benchmarks/results/cpu.json
     python benchmarks/bench_cpu.py --quick          # two shapes, few repeats (a smoke run)
     python benchmarks/bench_cpu.py --compile        # add torch.compile of the eager function
+    python benchmarks/bench_cpu.py --overhead       # per-call overhead: small 2-D fwd+bwd only
 
 float32, training. Ops: BN, BN+ReLU, BN+Add+ReLU; modes: forward (``fwd``) and forward+backward
 (``fwdbwd``). Every case times ours and the peers in the same process, interleaved (one call of each
@@ -127,6 +128,32 @@ def compile_time() -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+OVERHEAD_SHAPES = [(60, 100), (256, 1024)]
+
+
+def overhead(rounds: int) -> list[dict]:
+    """BN+ReLU training forward+backward on small 2-D tensors, ours against eager, in µs
+    (interleaved, medians and minimums): where the per-call cost of the Python layers shows."""
+    rows = []
+    for shape in OVERHEAD_SHAPES:
+        fns = {k: make_case(shape, "nc", "bn_relu", "fwdbwd", k) for k in ("ours", "eager")}
+        for f in fns.values():
+            for _ in range(20):
+                f()
+        res = bench(fns, rounds)
+        row = {"shape": list(shape), "op": "bn_relu", "mode": "fwdbwd",
+               **{k: {"median_us": 1e3 * v["median_ms"], "min_us": 1e3 * v["min_ms"]}
+                  for k, v in res.items()},
+               "speedup_vs_eager_median": res["eager"]["median_ms"] / res["ours"]["median_ms"],
+               "speedup_vs_eager_min": res["eager"]["min_ms"] / res["ours"]["min_ms"]}
+        rows.append(row)
+        print(f"{str(shape):>12} ours {row['ours']['median_us']:7.1f} µs "
+              f"(min {row['ours']['min_us']:6.1f})  eager {row['eager']['median_us']:7.1f} µs "
+              f"(min {row['eager']['min_us']:6.1f})  x eager {row['speedup_vs_eager_median']:.2f}",
+              flush=True)
+    return rows
+
+
 def geomean(v: list[float]) -> float:
     return math.exp(sum(math.log(a) for a in v) / len(v)) if v else float("nan")
 
@@ -137,10 +164,28 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow)")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--no-wait", action="store_true", help="do not wait for a quiet machine")
+    ap.add_argument("--overhead", action="store_true",
+                    help="only the per-call overhead cases (small 2-D tensors)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     load_before, waited = (os.getloadavg()[0], 0.0) if args.no_wait else wait_for_quiet()
+    if args.overhead:
+        os.environ.setdefault(kernels.ENV_VAR, "cpu")
+        print(f"threads={torch.get_num_threads()} load={load_before:.2f}")
+        orows = overhead(args.rounds)
+        opath = Path(args.out) if args.out else (
+            Path(__file__).parent / "results" / "cpu_overhead.json")
+        opath.parent.mkdir(parents=True, exist_ok=True)
+        opath.write_text(json.dumps({
+            "command": "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:]),
+            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                        "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+            "backend": select(torch.randn(2, 4, 3)).name, "rounds": args.rounds,
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0],
+            "waited_s": waited, "rows": orows}, indent=1))
+        print(f"wrote {opath}")
+        return
     shapes = SHAPES_4D[:2] if args.quick else SHAPES_4D
     rounds = 5 if args.quick else args.rounds
     cases = [(s, lay) for s in shapes for lay in ("nchw", "nhwc")] + [(SHAPE_2D, "nc")]
