@@ -62,3 +62,26 @@ def test_eval_mode_nan_input_touches_nothing():
         warnings.simplefilter("error")
         y = m(torch.tensor([[float("nan"), 0.0], [1.0, 1.0]]))
     assert torch.isnan(y[0, 0]) and m.skipped_updates == 0
+
+
+@pytest.mark.parametrize("cumulative", [False, True])
+@pytest.mark.parametrize("bad", [False, True])
+def test_eager_cpu_update_equals_the_traced_op(cumulative, bad):
+    """The NumPy fast path for eager CPU updates and the graph-safe op give identical state."""
+    from batchnorm import ops
+
+    mean, var = torch.randn(7), torch.rand(7) + 0.1
+    if bad:
+        var[3] = float("inf")
+    states = []
+    for update in (ops._update_cpu, ops._update_impl):
+        rm, rv = torch.randn(7), torch.rand(7) + 0.5
+        rm.copy_(torch.arange(7.0))
+        rv.fill_(2.0)
+        nbt, skipped = torch.tensor(4), torch.tensor(1)
+        ok = update(rm, rv, nbt, skipped, mean, var, 0.3, cumulative)
+        states.append((bool(ok), rm, rv, nbt, skipped))
+    (ok_a, *a), (ok_b, *b) = states
+    assert ok_a == ok_b == (not bad)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)

@@ -17,6 +17,7 @@ tensors and are turned into ``None`` here.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
@@ -290,7 +291,39 @@ def update_running_stats(
     if torch.compiler.is_compiling():
         return update_running_stats_op(*args)  # type: ignore[no-any-return]
     with torch.no_grad():
+        if running_mean.device.type == "cpu" and all(
+                t.dtype in _NUMPY_FLOATS for t in (running_mean, running_var, mean)):
+            return _update_cpu(*args)
         return _update_impl(*args)
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def _update_cpu(
+    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None, mean: Tensor, var_unbiased: Tensor, momentum: float,
+    cumulative: bool,
+) -> Tensor:
+    """:func:`_update_impl` for eager CPU tensors: the same float64 blend on C-sized NumPy arrays
+    (a dozen torch dispatches cost ~45 µs per call, more than the rest of a small layer); on the
+    CPU the finiteness flag can be read for free, so the skip is a plain branch."""
+    batch = np.stack((mean.detach().numpy(), var_unbiased.detach().numpy())).astype(np.float64)
+    if not np.isfinite(batch).all():
+        if num_batches_skipped is not None:
+            num_batches_skipped.add_(1)
+        return torch.tensor(False)
+    factor = momentum
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if cumulative:
+            factor = 1.0 / max(int(num_batches_tracked), 1)
+    running = np.stack((running_mean.detach().numpy(), running_var.detach().numpy()))
+    new = S.blend(running.astype(np.float64),
+                  batch, factor)
+    running_mean.copy_(torch.from_numpy(new[0]))
+    running_var.copy_(torch.from_numpy(new[1]))
+    return torch.tensor(True)
 
 
 @update_running_stats_op.register_fake

@@ -28,7 +28,7 @@ Accumulation is float32 for half types and float32 input, float64 for float64 in
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,6 +46,7 @@ __all__ = [
     "rstd_from_var",
     "scale_of",
     "update_running",
+    "blend",
 ]
 
 
@@ -160,4 +161,10 @@ def update_running(
     running statistics agree with ``torch.nn.BatchNorm`` to the last bits.
     """
     old = running.to(batch.dtype)
-    return torch.where(ok, factor * batch + (1 - factor) * old, old).to(running.dtype)
+    return torch.where(ok, blend(old, batch, factor), old).to(running.dtype)
+
+
+def blend(running: Any, batch: Any, factor: Any) -> Any:
+    """``factor·batch + (1 − factor)·running``, in PyTorch's order of operations (tensors or
+    NumPy arrays: the eager CPU path blends C-sized float64 arrays without torch dispatch)."""
+    return factor * batch + (1 - factor) * running
