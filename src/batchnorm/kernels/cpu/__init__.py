@@ -19,7 +19,7 @@ Every backend call is one Numba dispatch (statistics, merge and output in one ke
 parallel region per pass that must wait for the previous one); tensors under
 :data:`SERIAL_ELEMENTS` run on one thread. Default selection keeps the base ``prefers`` (always):
 against the backend that would otherwise run (the reference backend) this one was measured faster
-on every shape tried, small ones included (see ``docs/notes/cpu.md``).
+on every shape tried, small ones included (see ``docs/decisions.md``).
 
 Supported: CPU float32 and float64 tensors. float16/bfloat16 are left to the reference backend
 (``supports`` returns ``False``), which upcasts to float32: correct, not fast.
@@ -95,7 +95,7 @@ def _threads(numel: int) -> int:
 
 _TLS = threading.local()
 _MAX_THREADS = max(1, int(getattr(numba.config, "NUMBA_NUM_THREADS", 1)))
-# Below this many elements a call runs on one thread (see _threads and docs/notes/cpu.md).
+# Below this many elements a call runs on one thread (see _threads and docs/decisions.md).
 SERIAL_ELEMENTS = 1 << 12
 
 
