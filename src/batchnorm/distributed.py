@@ -106,16 +106,11 @@ def sync_batch_norm(
     update = running_mean is not None and running_var is not None
     if update:
         assert running_mean is not None and running_var is not None
-        if total == 0:
-            # An empty global batch carries no statistics; PyTorch still counts it as tracked.
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-        else:
-            update_running_statistics(
-                running_mean, running_var, mean, S.unbiased_var(var, total), momentum,
-                num_batches_tracked=num_batches_tracked, num_batches_skipped=num_batches_skipped,
-                layer_name=layer_name,
-            )
+        update_running_statistics(
+            running_mean, running_var, mean, S.unbiased_var(var, total), momentum,
+            count=total, num_batches_tracked=num_batches_tracked,
+            num_batches_skipped=num_batches_skipped, layer_name=layer_name,
+        )
     return restore(y)
 
 

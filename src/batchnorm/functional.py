@@ -108,16 +108,11 @@ def batch_norm_impl(
     if update:
         assert running_mean is not None and running_var is not None
         count = x.numel() // x.shape[1] if x.shape[1] else 0
-        if count == 0:
-            # An empty batch carries no statistics; PyTorch still counts it as tracked.
-            if num_batches_tracked is not None:
-                num_batches_tracked.add_(1)
-        else:
-            update_running_statistics(
-                running_mean, running_var, mean, S.unbiased_var(var, count), momentum,
-                num_batches_tracked=num_batches_tracked, num_batches_skipped=num_batches_skipped,
-                layer_name=layer_name,
-            )
+        update_running_statistics(
+            running_mean, running_var, mean, S.unbiased_var(var, count), momentum, count=count,
+            num_batches_tracked=num_batches_tracked, num_batches_skipped=num_batches_skipped,
+            layer_name=layer_name,
+        )
     return restore(y)
 
 
@@ -128,6 +123,7 @@ def update_running_statistics(
     var_unbiased: Tensor,
     momentum: float | None,
     *,
+    count: int | None = None,
     num_batches_tracked: Tensor | None = None,
     num_batches_skipped: Tensor | None = None,
     layer_name: str | None = None,
@@ -137,8 +133,13 @@ def update_running_statistics(
     Blends a batch's ``mean`` and unbiased variance in with ``momentum`` (``None``: cumulative
     average over ``num_batches_tracked``); a batch whose statistics are not finite changes
     nothing but ``num_batches_skipped``, and is reported right away on the CPU (where reading
-    the flag costs no device synchronization).
+    the flag costs no device synchronization). An empty batch (``count == 0``) carries no
+    statistics: the running ones stay, and it is counted as tracked, as PyTorch counts it.
     """
+    if count == 0:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return
     ok = ops.update_running_stats(
         running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var_unbiased,
         0.0 if momentum is None else float(momentum), momentum is None,
