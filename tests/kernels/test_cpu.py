@@ -186,6 +186,30 @@ def test_need_flags_and_no_affine():
     assert dx is None and torch.equal(dr, dy)
 
 
+@pytest.mark.parametrize("need", [(True, False), (False, True), (True, True)],
+                         ids=["dx", "dres", "dx+dres"])
+@pytest.mark.parametrize("act", ["none", "relu", "silu"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("shape", [(3, 5), (301, 37), (5001, 17)], ids=["tiny", "odd", "threads"])
+def test_channels_last_backward_flags(shape, residual, act, need):
+    """Every (dx, dres) combination through the channels-last backward, whose none/relu paths
+    take two rows at a time (odd row counts end in the general one-row loop)."""
+    x, w, b, r = _inputs(shape, torch.float32, residual)
+    _y, mean, rstd, _var = REF.forward_train(x, w, b, r, 1e-5, act, SLOPE)
+    dy = torch.randn(shape)
+    n = shape[0]
+    for training in (True, False):
+        got = CPU.backward(dy, x, w, b, r, mean, rstd, training, act, SLOPE, need[0], True, True,
+                           need[1])
+        exp = REF.backward(dy, x, w, b, r, mean, rstd, training, act, SLOPE, need[0], True, True,
+                           need[1])
+        assert (got[0] is None) != need[0] and (got[3] is None) != need[1]
+        _close(got[0], exp[0], torch.float32, scale=20)
+        _close(got[3], exp[3], torch.float32)
+        for g, e in zip(got[1:3], exp[1:3], strict=True):
+            _close(g, e, torch.float32, scale=20 * max(1.0, n ** 0.5))
+
+
 @pytest.mark.parametrize("shape", [(16, 5, 4001), (8, 64, 49), (5003, 64)],
                          ids=["split", "fused", "nc"])
 def test_deterministic_bitwise(shape):

@@ -161,7 +161,7 @@ class _Args:
         return _acc(t, self.dt)
 
     def partials(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per-(channel, chunk) float64 partials, item ``c*P + p``."""
+        """float64 partials: item ``c*P + p`` channels-first, ``p*C + c`` channels-last."""
         k = self.c * self.p
         cnt, mean, m2 = np.empty(k), np.empty(k), np.empty(k)
         if self.first:
@@ -211,10 +211,14 @@ class CpuBackend(Backend):
         args = _Args(x, None, "none", 0.0)
         cnt, mean, m2 = args.partials()
         p, c = args.p, args.c
+
+        def by_chunk(a: np.ndarray) -> np.ndarray:  # (P, C)
+            return a.reshape(c, p).T.copy() if args.first else a.reshape(p, c)
+
         merged = S.merge_many(S.Partials(
-            torch.from_numpy(cnt.reshape(c, p)[0].copy()),
-            torch.from_numpy(mean.reshape(c, p).T.copy()),
-            torch.from_numpy(m2.reshape(c, p).T.copy()),
+            torch.from_numpy(by_chunk(cnt)[:, 0].copy()),
+            torch.from_numpy(by_chunk(mean)),
+            torch.from_numpy(by_chunk(m2)),
         ))
         acc = S.accumulation_dtype(x.dtype)
         return S.Partials(merged.n.to(acc), merged.mean.to(acc), merged.m2.to(acc))

@@ -256,18 +256,21 @@ def _finalize(c, cnt, k, delta, m2, w, bias, has_w, has_b, eps, stat):
 
 
 @njit(inline="always")
-def _merge(cnt, dlt, m2, c, P):
-    """K-way Chan merge of ``stats.merge_many`` over items ``c*P .. c*P+P-1`` (shared shift)."""
+def _merge(cnt, dlt, m2, base, stride, P):
+    """K-way Chan merge of ``stats.merge_many`` over items ``base + p*stride``, ``p < P``
+    (shared shift)."""
     n = 0.0
     s = 0.0
     for p in range(P):
-        n += cnt[c * P + p]
-        s += cnt[c * P + p] * dlt[c * P + p]
+        i = base + p * stride
+        n += cnt[i]
+        s += cnt[i] * dlt[i]
     mu = s / n
     q = 0.0
     for p in range(P):
-        d = dlt[c * P + p] - mu
-        q += m2[c * P + p] + cnt[c * P + p] * d * d
+        i = base + p * stride
+        d = dlt[i] - mu
+        q += m2[i] + cnt[i] * d * d
     return n, mu, q
 
 
@@ -308,7 +311,7 @@ def nchw_forward(x, y, r, has_res, N, C, S, P, w, bias, has_w, has_b, eps, code,
             dlt[it] = d_
             m2[it] = q_
         for c in range(C):  # P > 1 only with few channels
-            n_, d_, q_ = _merge(cnt, dlt, m2, c, P)
+            n_, d_, q_ = _merge(cnt, dlt, m2, c * P, 1, P)
             _finalize(c, n_, x[c * S], d_, q_, w, bias, has_w, has_b, eps, stat)
         for it in prange(C * P):
             c = it // P
@@ -447,7 +450,9 @@ def _flush(tot, run, C, z):
 
 @_njit_inline
 def _nhwc_block_partials(x, C, r0, r1, k, dlt_o, m2_o, P, p, z):
-    """Shifted partials of rows ``[r0, r1)``: ``δ`` and ``m2`` per channel into item ``c*P+p``."""
+    """Shifted partials of rows ``[r0, r1)``: ``δ`` and ``m2`` per channel into item ``p*C+c``
+    (block-major: each block writes its own contiguous run, no cache line shared between
+    threads)."""
     tot = np.zeros(C)
     run = np.zeros(C, dtype=x.dtype)
     cnt = 0
@@ -476,7 +481,7 @@ def _nhwc_block_partials(x, C, r0, r1, k, dlt_o, m2_o, P, p, z):
     dl = np.empty(C, dtype=x.dtype)
     for c in range(C):
         d = tot[c] / n
-        dlt_o[c * P + p] = d
+        dlt_o[p * C + c] = d
         dl[c] = d
         tot[c] = 0.0
     row = r0
@@ -507,7 +512,33 @@ def _nhwc_block_partials(x, C, r0, r1, k, dlt_o, m2_o, P, p, z):
             _flush(tot, run, C, z)
             cnt = 0
     for c in range(C):
-        m2_o[c * P + p] = tot[c]
+        m2_o[p * C + c] = tot[c]
+
+
+@_njit_inline
+def _merge_blocks(dlt, m2, M, C, P, k, w, bias, has_w, has_b, eps, stat, mu):
+    """:func:`_merge` + :func:`_finalize` for block-major items ``p*C + c`` (block ``p`` holds
+    the rows ``[p*M//P, (p+1)*M//P)``), with the loops along the channels so that they
+    vectorize; each channel still sums its blocks in ascending order. ``mu``: C scratch."""
+    for c in range(C):
+        mu[c] = 0.0
+    for p in range(P):
+        n_p = float((p + 1) * M // P - p * M // P)
+        o = p * C
+        for c in range(C):
+            mu[c] += n_p * dlt[o + c]
+    n = float(M)
+    for c in range(C):
+        mu[c] = mu[c] / n
+    q = np.zeros(C)
+    for p in range(P):
+        n_p = float((p + 1) * M // P - p * M // P)
+        o = p * C
+        for c in range(C):
+            d = dlt[o + c] - mu[c]
+            q[c] += m2[o + c] + n_p * d * d
+    for c in range(C):
+        _finalize(c, n, k[c], mu[c], q[c], w, bias, has_w, has_b, eps, stat)
 
 
 @_njit_inline
@@ -585,13 +616,7 @@ def nhwc_forward(x, y, r, has_res, M, C, P, w, bias, has_w, has_b, eps, code, sl
     k = x[0:C]
     for p in prange(P):
         _nhwc_block_partials(x, C, p * M // P, (p + 1) * M // P, k, dlt, m2, P, p, z)
-    for p in range(P):
-        n_ = float((p + 1) * M // P - p * M // P)
-        for c in range(C):
-            cnt[c * P + p] = n_
-    for c in range(C):
-        n_, d_, q_ = _merge(cnt, dlt, m2, c, P)
-        _finalize(c, n_, k[c], d_, q_, w, bias, has_w, has_b, eps, stat)
+    _merge_blocks(dlt, m2, M, C, P, k, w, bias, has_w, has_b, eps, stat, cnt)
     dl = np.empty(C, dtype=x.dtype)
     sc = np.empty(C, dtype=x.dtype)
     sh = np.empty(C, dtype=x.dtype)
@@ -606,7 +631,7 @@ def nhwc_forward(x, y, r, has_res, M, C, P, w, bias, has_w, has_b, eps, code, sl
 
 @_parallel
 def nhwc_partials(x, M, C, P, cnt_o, mean_o, m2_o):
-    """Per-(channel, row block) partials ``(n, mean, m2)``, item ``c*P + p``."""
+    """Per-(row block, channel) partials ``(n, mean, m2)``, item ``p*C + c``."""
     z = x.dtype.type(0.0)
     k = x[0:C]
     for p in prange(P):
@@ -614,8 +639,8 @@ def nhwc_partials(x, M, C, P, cnt_o, mean_o, m2_o):
         r1 = (p + 1) * M // P
         _nhwc_block_partials(x, C, r0, r1, k, mean_o, m2_o, P, p, z)
         for c in range(C):
-            mean_o[c * P + p] += k[c]
-            cnt_o[c * P + p] = r1 - r0
+            mean_o[p * C + c] += k[c]
+            cnt_o[p * C + c] = r1 - r0
 
 
 @_parallel
@@ -659,38 +684,112 @@ def _row_grad(dy, x, r, g, o, C, mean, scale, shift, has_res, code, slope, z):
 
 
 @_njit_inline
+def _g2(d0, d1, e0, e1, sc, sh, q0, q1, code, has_res, z):
+    """``g = dy·act'(pre)`` of two rows for ``code`` NONE or RELU, ``pre = e·sc + sh [+ q]``
+    as :func:`_row_grad` computes it."""
+    if code == RELU:
+        p0 = e0 * sc + sh
+        p1 = e1 * sc + sh
+        if has_res:
+            p0 += q0
+            p1 += q1
+        return (d0 if p0 > z else z), (d1 if p1 > z else z)
+    return d0, d1
+
+
+@_njit_inline
 def _nhwc_block_sums(dy, x, r, has_res, C, r0, r1, mean, scale, shift, code, slope, sg_o,
                      sgx_o, P, p, z):
-    """Per-channel ``(Σg, Σg·(x - mean))`` of rows ``[r0, r1)`` (float64) into item ``c*P+p``."""
+    """Per-channel ``(Σg, Σg·(x - mean))`` of rows ``[r0, r1)`` (float64) into item ``p*C+c``."""
     tg = np.zeros(C)
     tgx = np.zeros(C)
     rg = np.zeros(C, dtype=x.dtype)
     rgx = np.zeros(C, dtype=x.dtype)
     cnt = 0
+    row = r0
+    if code == NONE or code == RELU:  # noqa: SIM109 (kept plain for Numba)
+        # g computed in the accumulation loop, two rows per sweep of the channel vectors
+        while row + 2 <= r1:
+            o = row * C
+            x0 = x[o:o + C]
+            x1 = x[o + C:o + 2 * C]
+            d0 = dy[o:o + C]
+            d1 = dy[o + C:o + 2 * C]
+            q0 = r[o:o + C] if has_res else x0
+            q1 = r[o + C:o + 2 * C] if has_res else x1
+            for c in range(C):
+                e0 = x0[c] - mean[c]
+                e1 = x1[c] - mean[c]
+                g0, g1 = _g2(d0[c], d1[c], e0, e1, scale[c], shift[c], q0[c], q1[c], code,
+                             has_res, z)
+                rg[c] += g0 + g1
+                rgx[c] += g0 * e0 + g1 * e1
+            row += 2
+            cnt += 2
+            if cnt >= _FLUSH_ROWS:
+                _flush(tg, rg, C, z)
+                _flush(tgx, rgx, C, z)
+                cnt = 0
     g = np.empty(C, dtype=x.dtype)
-    for row in range(r0, r1):
-        o = row * C
+    for rest in range(row, r1):
+        o = rest * C
         _row_grad(dy, x, r, g, o, C, mean, scale, shift, has_res, code, slope, z)
         xr = x[o:o + C]
         for c in range(C):
             rg[c] += g[c]
             rgx[c] += g[c] * (xr[c] - mean[c])
         cnt += 1
-        if cnt == _FLUSH_ROWS or row == r1 - 1:
+        if cnt >= _FLUSH_ROWS:
             _flush(tg, rg, C, z)
             _flush(tgx, rgx, C, z)
             cnt = 0
+    _flush(tg, rg, C, z)
+    _flush(tgx, rgx, C, z)
     for c in range(C):
-        sg_o[c * P + p] = tg[c]
-        sgx_o[c * P + p] = tgx[c]
+        sg_o[p * C + c] = tg[c]
+        sgx_o[p * C + c] = tgx[c]
 
 
 @_njit_inline
 def _nhwc_dx_rows(dy, x, r, has_res, C, r0, r1, mean, scale, shift, code, slope, a, rb,
                   need_dx, need_dres, dx, dres, z):
+    row = r0
+    if (code == NONE or code == RELU) and need_dx:  # noqa: SIM109 (kept plain for Numba)
+        # g computed in the dx loop, two rows per sweep of the channel vectors
+        while row + 2 <= r1:
+            o = row * C
+            x0 = x[o:o + C]
+            x1 = x[o + C:o + 2 * C]
+            d0 = dy[o:o + C]
+            d1 = dy[o + C:o + 2 * C]
+            q0 = r[o:o + C] if has_res else x0
+            q1 = r[o + C:o + 2 * C] if has_res else x1
+            o0 = dx[o:o + C]
+            o1 = dx[o + C:o + 2 * C]
+            if need_dres:
+                s0 = dres[o:o + C]
+                s1 = dres[o + C:o + 2 * C]
+                for c in range(C):
+                    e0 = x0[c] - mean[c]
+                    e1 = x1[c] - mean[c]
+                    g0, g1 = _g2(d0[c], d1[c], e0, e1, scale[c], shift[c], q0[c], q1[c],
+                                 code, has_res, z)
+                    o0[c] = scale[c] * (g0 - a[c] - e0 * rb[c])
+                    o1[c] = scale[c] * (g1 - a[c] - e1 * rb[c])
+                    s0[c] = g0
+                    s1[c] = g1
+            else:
+                for c in range(C):
+                    e0 = x0[c] - mean[c]
+                    e1 = x1[c] - mean[c]
+                    g0, g1 = _g2(d0[c], d1[c], e0, e1, scale[c], shift[c], q0[c], q1[c],
+                                 code, has_res, z)
+                    o0[c] = scale[c] * (g0 - a[c] - e0 * rb[c])
+                    o1[c] = scale[c] * (g1 - a[c] - e1 * rb[c])
+            row += 2
     g = np.empty(C, dtype=x.dtype)
-    for row in range(r0, r1):
-        o = row * C
+    for rest in range(row, r1):
+        o = rest * C
         _row_grad(dy, x, r, g, o, C, mean, scale, shift, has_res, code, slope, z)
         if need_dx:
             xr = x[o:o + C]
@@ -714,17 +813,19 @@ def nhwc_backward(dy, x, r, has_res, M, C, P, mean, rstd, scale, shift, code, sl
                              shift, code, slope, tg, tgx, P, p, z)
     a = np.zeros(C, dtype=x.dtype)
     rb = np.zeros(C, dtype=x.dtype)
+    sg = np.zeros(C)  # the blocks' sums, in ascending block order, vectorized along C
+    sgx = np.zeros(C)
+    if need_sums:
+        for p in range(P):
+            o = p * C
+            for c in range(C):
+                sg[c] += tg[o + c]
+                sgx[c] += tgx[o + c]
     for c in range(C):
-        sg = 0.0
-        sgx = 0.0
-        if need_sums:
-            for p in range(P):
-                sg += tg[c * P + p]
-                sgx += tgx[c * P + p]
-        sg_o[c] = sg
-        sgx_o[c] = sgx * rstd[c]
+        sg_o[c] = sg[c]
+        sgx_o[c] = sgx[c] * rstd[c]
         if training:
-            a[c] = sg / M
+            a[c] = sg[c] / M
             rb[c] = x.dtype.type(sgx_o[c] / M) * rstd[c]
     if need_dx or need_dres:
         for p in prange(P):
