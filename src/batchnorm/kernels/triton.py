@@ -501,6 +501,15 @@ class TritonBackend(Backend):
             return True
         return x.device.type == "cpu" and _interpreted()
 
+    # -- launching ------------------------------------------------------------------------------
+    def _launch(self, kernel):
+        """What a launch indexes with its grid: ``self._launch(kernel)[grid](...)``.
+
+        The kernel itself here. The ``torch.library.triton_op`` wrappers
+        (:mod:`batchnorm.kernels.triton_ops`) run a subclass that returns
+        ``torch.library.wrap_triton(kernel)`` so that ``torch.compile`` sees every launch."""
+        return kernel
+
     # -- plans ----------------------------------------------------------------------------------
     def _persistent(self, x: Tensor) -> _Plan | None:
         """One program per channel block holding the whole slab, or None if it does not fit."""
@@ -529,8 +538,10 @@ class TritonBackend(Backend):
     def _partials(self, x: Tensor, plan: _Plan, shifted: bool) -> tuple[Tensor, Tensor, Tensor]:
         """(K, C) tile partials; ``shifted``: means of ``x - K`` (δ_k), else of ``x``."""
         n, mean, m2 = (x.new_empty((plan.K, plan.C), dtype=torch.float32) for _ in range(3))
-        _partials_kernel[plan.grid](x, n, mean, m2, *plan.dims(), SHIFTED=shifted,
-                                    **plan.blocks, num_warps=plan.num_warps)
+        self._launch(_partials_kernel)[plan.grid](
+            x, n, mean, m2, *plan.dims(), SHIFTED=shifted, **plan.blocks,
+            num_warps=plan.num_warps,
+        )
         return n, mean, m2
 
     # -- primitives -----------------------------------------------------------------------------
@@ -547,7 +558,7 @@ class TritonBackend(Backend):
         ``shifted``: ``mean`` is δ and ``x - mean`` is computed as ``(x - K) - δ``."""
         plan = self._split(x)
         y = torch.empty_like(x)
-        _apply_kernel[plan.grid](
+        self._launch(_apply_kernel)[plan.grid](
             x, mean.contiguous(), scale, _opt(rstd), _opt(weight), _opt(bias), _opt(residual),
             y, *plan.dims(), float(slope), HAS_SCALE=scale is not None,
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
@@ -561,7 +572,7 @@ class TritonBackend(Backend):
         """Per-tile (Σg, Σg·x̂), then their fixed-order sums (and γ·rstd, dγ, dβ if asked)."""
         plan = self._persistent(x) or self._split(x)
         pg, pgx = (x.new_empty((plan.K, plan.C), dtype=torch.float32) for _ in range(2))
-        _bwd_reduce_kernel[plan.grid](
+        self._launch(_bwd_reduce_kernel)[plan.grid](
             x, grad_y, mean.contiguous(), rstd.contiguous(), scale, _opt(weight), _opt(bias),
             _opt(residual), pg, pgx, *plan.dims(), float(slope), HAS_SCALE=scale is not None,
             HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
@@ -570,7 +581,7 @@ class TritonBackend(Backend):
         sum_g, sum_gx = (x.new_empty((plan.C,), dtype=torch.float32) for _ in range(2))
         new_scale = x.new_empty((plan.C,), dtype=torch.float32) if need_scale else None
         grid, blocks, warps = self._reduction(plan.K, plan.C)
-        _bwd_sum_kernel[grid](
+        self._launch(_bwd_sum_kernel)[grid](
             pg, pgx, rstd.contiguous(), _opt(weight), sum_g, sum_gx, new_scale, dweight, dbias,
             plan.K, plan.C, HAS_W=weight is not None, NEED_SCALE=need_scale,
             NEED_DW=dweight is not None, NEED_DB=dbias is not None, **blocks, num_warps=warps,
@@ -594,7 +605,7 @@ class TritonBackend(Backend):
         dx = torch.empty_like(x) if need_dx else None
         dres = torch.empty_like(grad_y) if need_dres else None
         training = a is not None and b is not None
-        _bwd_apply_kernel[plan.grid](
+        self._launch(_bwd_apply_kernel)[plan.grid](
             x, grad_y, mean.contiguous(), rstd.contiguous(), scale, _opt(bias),
             _opt(residual), _opt(a), _opt(b), dx, dres, *plan.dims(), float(n_div),
             float(slope), HAS_B=bias is not None, HAS_RES=residual is not None,
@@ -614,15 +625,16 @@ class TritonBackend(Backend):
             n, pdelta, pm2 = self._partials(x, plan, True)
             mean, delta, rstd, var, scale = (x.new_empty((plan.C,), dtype=acc) for _ in range(5))
             grid, blocks, warps = self._reduction(plan.K, plan.C)
-            _merge_kernel[grid](n, pdelta, pm2, _opt(weight), x, mean, delta, rstd, var, scale,
-                                plan.K, plan.C, plan.stride_c, float(eps),
-                                HAS_W=weight is not None, SHIFTED=True, **blocks,
-                                INT64=plan.blocks["INT64"], num_warps=warps)
+            self._launch(_merge_kernel)[grid](
+                n, pdelta, pm2, _opt(weight), x, mean, delta, rstd, var, scale, plan.K,
+                plan.C, plan.stride_c, float(eps), HAS_W=weight is not None, SHIFTED=True,
+                **blocks, INT64=plan.blocks["INT64"], num_warps=warps,
+            )
             y = self._apply(x, delta, scale, None, None, bias, residual, act, slope, True)
             return y, mean, rstd, var
         y = torch.empty_like(x)
         mean, rstd, var = (x.new_empty((plan.C,), dtype=acc) for _ in range(3))
-        _fwd_persistent_kernel[plan.grid](
+        self._launch(_fwd_persistent_kernel)[plan.grid](
             x, _opt(weight), _opt(bias), _opt(residual), y, mean, rstd, var, *plan.dims(),
             plan.n, float(eps), float(slope), HAS_W=weight is not None,
             HAS_B=bias is not None, HAS_RES=residual is not None, ACT=_ACT[act],
@@ -642,7 +654,7 @@ class TritonBackend(Backend):
         if plan is not None:  # one launch
             dx = torch.empty_like(x) if need_dx else None
             dres = torch.empty_like(grad_y) if need_dres else None
-            _bwd_persistent_kernel[plan.grid](
+            self._launch(_bwd_persistent_kernel)[plan.grid](
                 x, grad_y, mean.contiguous(), rstd.contiguous(), _opt(weight), _opt(bias),
                 _opt(residual), dx, dres, dweight, dbias, *plan.dims(), plan.n, float(slope),
                 HAS_W=weight is not None, HAS_B=bias is not None,
