@@ -97,6 +97,18 @@ def _backward_impl(
                  for t in (dx, dw, db, dr))
 
 
+def _eager_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+    residual: Tensor | None, mean: Tensor, rstd: Tensor, training: bool, act: str, slope: float,
+    need_dx: bool, need_dweight: bool, need_dbias: bool, need_dres: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """The backend's backward for the eager autograd.Function (``None`` where not needed)."""
+    return select(x).backward(  # type: ignore[no-any-return]
+        grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
+        need_dx, need_dweight and weight is not None, need_dbias and bias is not None, need_dres,
+    )
+
+
 @torch.library.custom_op("batchnorm::backward", mutates_args=())
 def backward_op(
     grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -203,6 +215,19 @@ torch.library.register_autograd(
 )
 
 
+@torch.compiler.assume_constant_result
+def _backends_loaded(device_type: str) -> bool:
+    """Load the backends ``select`` may pick on ``device_type``; Dynamo runs this at trace time
+    instead of tracing it: a backend's first load imports its module through ``importlib``,
+    which Dynamo cannot trace (a graph break; an error under ``fullgraph=True``)."""
+    from . import kernels
+
+    for name in ("reference", kernels.forced(), *kernels.PREFERENCE.get(device_type, ())):
+        if name is not None:
+            kernels.get_backend(name)
+    return True
+
+
 class _EagerForward(torch.autograd.Function):
     """The same forward and backward as the custom op, without the dispatcher.
 
@@ -219,7 +244,7 @@ class _EagerForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, gmean, grstd, gvar):  # type: ignore[override]
-        return _backward_formula(ctx, grad_y, gmean, grstd, gvar, single_pass=_backward_impl)
+        return _backward_formula(ctx, grad_y, gmean, grstd, gvar, single_pass=_eager_backward)
 
 
 class _EagerForwardCtx(torch.autograd.Function):
@@ -244,6 +269,12 @@ def forward(
     """``batchnorm::forward``: the custom op when tracing, the same code directly in eager."""
     args = (x, weight, bias, residual, running_mean, running_var, training, eps, act, slope)
     if torch.compiler.is_compiling():
+        if x.device.type == "cuda" and _backends_loaded("cuda") and select(x).name == "triton":
+            # Inductor sees the Triton kernels themselves, not an opaque op (and Triton is
+            # imported only here). On CPU tensors they run in Triton's interpreter, which
+            # Inductor cannot compile: those keep batchnorm::forward.
+            from .kernels.triton_ops import triton_forward_op
+            return triton_forward_op(*args)  # type: ignore[no-any-return]
         return forward_op(*args)  # type: ignore[no-any-return]
     if _forward_ad.__dict__.get("_current_level", -1) >= 0:
         # Forward-mode AD (dual tensors): plain differentiable ops carry the tangents; the
