@@ -221,16 +221,33 @@ def _run(i, b, C, S, c):
     return (n * C + c) * S + s0, L
 
 
+@njit(inline="always")
+def _whole_samples(a, b, S):
+    """Whether elements ``[a, b)`` of a channel are whole samples of at most ``_BLOCK``: then
+    every run is one sample's ``S`` contiguous elements, and the loops take them directly
+    (short runs, e.g. ``S = 49``, spent most of their time in the run bookkeeping)."""
+    return S <= _BLOCK and a % S == 0 and b % S == 0
+
+
 @_njit_inline
 def _chunk_partials(x, C, S, c, a, b, k, z):
     """``(n, δ, m2)`` of channel ``c``'s elements ``[a, b)`` shifted by ``k`` (float64)."""
     tot = 0.0
+    cnt = b - a
+    if _whole_samples(a, b, S):  # the same runs as below, without _run's bookkeeping
+        for n in range(a // S, b // S):
+            tot += _seg_shifted_sum(x, (n * C + c) * S, S, k, z)
+        delta = tot / cnt
+        dl = x.dtype.type(delta)
+        tot2 = 0.0
+        for n in range(a // S, b // S):
+            tot2 += _seg_sq(x, (n * C + c) * S, S, k, dl, z)
+        return float(cnt), delta, tot2
     i = a
     while i < b:
         base, L = _run(i, b, C, S, c)
         tot += _seg_shifted_sum(x, base, L, k, z)
         i += L
-    cnt = b - a
     delta = tot / cnt
     dl = x.dtype.type(delta)
     tot2 = 0.0
@@ -280,6 +297,10 @@ def _merge(cnt, dlt, m2, base, stride, P):
 
 @_njit_inline
 def _nchw_apply_chunk(x, y, r, has_res, C, S, c, a, b, k, dl, sc, sh, code, slope, z):
+    if _whole_samples(a, b, S):
+        for n in range(a // S, b // S):
+            _seg_apply(x, y, r, (n * C + c) * S, S, k, dl, sc, sh, has_res, code, slope, z)
+        return
     i = a
     while i < b:
         base, L = _run(i, b, C, S, c)
@@ -348,9 +369,67 @@ def nchw_apply(x, y, r, has_res, N, C, S, P, mean, scale, shift, code, slope):
 
 
 @_njit_inline
+def _g1(d, e, sc, sh, q, code, has_res, z):
+    """``dy·act'(pre)`` for ``code`` NONE or RELU, ``pre = e·sc + sh [+ q]`` as
+    :func:`_seg_grad` computes it (``e = x - mean``)."""
+    if code == RELU:
+        p = e * sc + sh
+        if has_res:
+            p += q
+        return d if p > z else z
+    return d
+
+
+@_njit_inline
+def _seg_sums_fused(dy, x, r, base, L, m, sc, sh, has_res, code, z):
+    """:func:`_seg_grad` + :func:`_seg_sums` in one loop (NONE/RELU), no ``g`` scratch."""
+    xs = x[base:base + L]
+    ds = dy[base:base + L]
+    rs = r[base:base + L]
+    sg = z
+    sgx = z
+    for k in range(L):
+        e = xs[k] - m
+        gk = _g1(ds[k], e, sc, sh, rs[k], code, has_res, z)
+        sg += gk
+        sgx += gk * e
+    return sg, sgx
+
+
+@_njit_inline
+def _seg_dx_fused(dy, x, r, dx, dres, base, L, m, sc, sh, a, rb, has_res, code, need_dx,
+                  need_dres, z):
+    """:func:`_seg_grad` + :func:`_seg_dx` (NONE/RELU), ``g`` recomputed in each loop."""
+    xs = x[base:base + L]
+    ds = dy[base:base + L]
+    rs = r[base:base + L]
+    if need_dx:
+        dxs = dx[base:base + L]
+        for k in range(L):
+            e = xs[k] - m
+            dxs[k] = sc * (_g1(ds[k], e, sc, sh, rs[k], code, has_res, z) - a - e * rb)
+    if need_dres:
+        drs = dres[base:base + L]
+        for k in range(L):
+            drs[k] = _g1(ds[k], xs[k] - m, sc, sh, rs[k], code, has_res, z)
+
+
+@_njit_inline
 def _nchw_sums_chunk(dy, x, r, has_res, C, S, c, a, b, m, sc, sh, code, slope, g, z):
     sg = 0.0
     sgx = 0.0
+    if _whole_samples(a, b, S):
+        fused = code == NONE or code == RELU  # noqa: SIM109 (kept plain for Numba)
+        for n in range(a // S, b // S):
+            base = (n * C + c) * S
+            if fused:
+                u, v = _seg_sums_fused(dy, x, r, base, S, m, sc, sh, has_res, code, z)
+            else:
+                _seg_grad(dy, x, r, g, base, S, m, sc, sh, has_res, code, slope, z)
+                u, v = _seg_sums(x, g, base, S, m, z)
+            sg += u
+            sgx += v
+        return sg, sgx
     i = a
     while i < b:
         base, L = _run(i, b, C, S, c)
@@ -365,6 +444,17 @@ def _nchw_sums_chunk(dy, x, r, has_res, C, S, c, a, b, m, sc, sh, code, slope, g
 @_njit_inline
 def _nchw_dx_chunk(dy, x, r, has_res, C, S, c, a, b, m, sc, sh, code, slope, aa, rb,
                    need_dx, need_dres, dx, dres, g, z):
+    if _whole_samples(a, b, S):
+        fused = code == NONE or code == RELU  # noqa: SIM109 (kept plain for Numba)
+        for n in range(a // S, b // S):
+            base = (n * C + c) * S
+            if fused:
+                _seg_dx_fused(dy, x, r, dx, dres, base, S, m, sc, sh, aa, rb, has_res, code,
+                              need_dx, need_dres, z)
+            else:
+                _seg_grad(dy, x, r, g, base, S, m, sc, sh, has_res, code, slope, z)
+                _seg_dx(x, g, dx, dres, base, S, m, sc, aa, rb, need_dx, need_dres)
+        return
     i = a
     while i < b:
         base, L = _run(i, b, C, S, c)
@@ -381,9 +471,13 @@ def nchw_backward(dy, x, r, has_res, N, C, S, P, mean, rstd, scale, shift, code,
     float64 scratch of ``C*P``), fixed-order combine, apply (two regions)."""
     z = x.dtype.type(0.0)
     NS = N * S
+    # the fused NONE/RELU loops need no ``g`` scratch (one allocation per channel cost as much
+    # as the arithmetic of a small channel)
+    no_scratch = (code == NONE or code == RELU) and S <= _BLOCK  # noqa: SIM109
+    dummy = np.empty(1, dtype=x.dtype)
     if P == 1:
         for c in prange(C):
-            g = np.empty(_BLOCK, dtype=x.dtype)
+            g = dummy if no_scratch else np.empty(_BLOCK, dtype=x.dtype)
             m = mean[c]
             sg = 0.0
             sgx = 0.0
