@@ -58,7 +58,8 @@ _FM = {"reassoc", "contract"}
 _parallel = njit(cache=True, nogil=True, fastmath=_FM, parallel=True)
 _njit_inline = njit(inline="always", fastmath=_FM)
 # A helper compiled once and called (not inlined at every call site): the short-run paths, whose
-# inlined copies tripled the first-call compile time (17 s → 48 s for forward + backward).
+# inlined copies tripled the first-call compile time (17 s → 48 s for forward + backward), and
+# the channels-last block sums and dx rows (one call per row block).
 _njit_called = njit(cache=True, nogil=True, fastmath=_FM)
 
 
@@ -802,7 +803,7 @@ def _g2(d0, d1, e0, e1, sc, sh, q0, q1, code, has_res, z):
     return d0, d1
 
 
-@_njit_inline
+@_njit_called
 def _nhwc_block_sums(dy, x, r, has_res, C, r0, r1, mean, scale, shift, code, slope, sg_o,
                      sgx_o, P, p, z):
     """Per-channel ``(Σg, Σg·(x - mean))`` of rows ``[r0, r1)`` (float64) into item ``p*C+c``."""
@@ -855,7 +856,7 @@ def _nhwc_block_sums(dy, x, r, has_res, C, r0, r1, mean, scale, shift, code, slo
         sgx_o[p * C + c] = tgx[c]
 
 
-@_njit_inline
+@_njit_called
 def _nhwc_dx_rows(dy, x, r, has_res, C, r0, r1, mean, scale, shift, code, slope, a, rb,
                   need_dx, need_dres, dx, dres, z):
     row = r0
