@@ -343,7 +343,23 @@ def free_port() -> int:
 
 def launch(world: int, suite_name: str, out_dir: Path, timeout_s: float,
            backend: str) -> list[dict[str, list[str]]]:
-    """Spawn ``world`` ranks running ``suite_name``; kill them all after ``timeout_s``."""
+    """Spawn ``world`` ranks running ``suite_name``; kill them all after ``timeout_s``.
+
+    ``free_port`` closes its socket before rank 0 binds the port, so another process may take
+    it in between: a launch whose rendezvous failed on a taken address is retried on a new
+    port (twice at most); any other failure is raised at once."""
+    for attempt in range(3):
+        try:
+            return _launch_once(world, suite_name, out_dir, timeout_s, backend)
+        except mp.ProcessRaisedException as e:
+            text = str(e).lower()
+            if attempt == 2 or not ("address already in use" in text or "eaddrinuse" in text):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _launch_once(world: int, suite_name: str, out_dir: Path, timeout_s: float,
+                 backend: str) -> list[dict[str, list[str]]]:
     ctx = mp.start_processes(
         _entry, args=(world, free_port(), suite_name, str(out_dir), backend), nprocs=world,
         join=False, start_method="spawn",
