@@ -355,10 +355,9 @@ def _update_cpu(
     num_batches_skipped: Tensor | None, mean: Tensor, var_unbiased: Tensor, momentum: float,
     cumulative: bool,
 ) -> Tensor:
-    """:func:`_update_impl` for eager CPU tensors: the same float64 blend on C-sized NumPy views,
-    written back in place (a dozen torch dispatches cost ~45 µs per call, more than the rest of
-    a small layer); on the CPU the finiteness flag can be read for free, so the skip is a plain
-    branch."""
+    """:func:`_update_impl` for eager CPU tensors: the same float64 blend on C-sized NumPy views
+    (a dozen torch dispatches cost ~45 µs per call, more than the rest of a small layer); on the
+    CPU the finiteness flag can be read for free, so the skip is a plain branch."""
     m, v = _numpy(mean), _numpy(var_unbiased)
     if not (np.isfinite(m).all() and np.isfinite(v).all()):
         if num_batches_skipped is not None:
@@ -370,14 +369,21 @@ def _update_cpu(
         if cumulative:
             factor = 1.0 / max(int(num_batches_tracked), 1)
     for running, batch in ((running_mean, m), (running_var, v)):
-        r = _numpy(running)
-        r[...] = S.blend(r.astype(np.float64), batch.astype(np.float64), factor)
+        new = S.blend(_numpy(running).astype(np.float64), batch.astype(np.float64), factor)
+        # written by torch, not through the NumPy view: the version counter moves and
+        # torch's in-place checks (inference tensors, ...) apply as for PyTorch's own update
+        _plain(running).copy_(torch.from_numpy(new))
     return _TRUE
+
+
+def _plain(t: Tensor) -> Tensor:
+    """``t``, or a detached alias (same storage and version counter) if it requires grad."""
+    return t.detach() if t.requires_grad else t
 
 
 def _numpy(t: Tensor) -> np.ndarray:
     """A NumPy view sharing ``t``'s memory (``detach`` only where autograd would refuse)."""
-    return (t.detach() if t.requires_grad else t).numpy()
+    return _plain(t).numpy()
 
 
 # The eager CPU update's result; callers read it, never write it.
