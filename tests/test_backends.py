@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -56,3 +59,13 @@ def test_unknown_or_unavailable_backend(monkeypatch):
     finally:
         kernels._LOADERS.pop("broken")
         kernels._CACHE.pop("broken", None)
+
+
+def test_importing_batchnorm_imports_neither_dynamo_nor_the_kernel_libraries():
+    """``import batchnorm`` stays light: Numba and Triton load on first use, and Dynamo (which
+    imports Triton) only when the user compiles."""
+    code = ("import sys, batchnorm, batchnorm.nn, batchnorm.functional, batchnorm.ops\n"
+            "print(sorted(m for m in ('torch._dynamo', 'triton', 'numba') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import stats as S
 from .activations import act_forward
-from .kernels import select
+from .kernels import Backend, select
 
 __all__ = ["forward", "forward_op", "backward_op", "update_running_stats",
            "update_running_stats_op"]
@@ -48,7 +48,25 @@ def _forward_impl(
     act: str,
     slope: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    backend = select(x)
+    return run_forward(select(x), x, weight, bias, residual, running_mean, running_var,
+                       training, eps, act, slope)
+
+
+def run_forward(
+    backend: Backend,
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    eps: float,
+    act: str,
+    slope: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward op's body on a given backend: batch statistics in training, copies of the
+    running ones otherwise (shared by ``batchnorm::forward`` and the Triton ops)."""
     if training:
         y, mean, rstd, var = backend.forward_train(x, weight, bias, residual, eps, act, slope)
         return y, mean, rstd, var
@@ -215,7 +233,6 @@ torch.library.register_autograd(
 )
 
 
-@torch.compiler.assume_constant_result
 def _backends_loaded(device_type: str) -> bool:
     """Load the backends ``select`` may pick on ``device_type``; Dynamo runs this at trace time
     instead of tracing it: a backend's first load imports its module through ``importlib``,
@@ -226,6 +243,12 @@ def _backends_loaded(device_type: str) -> bool:
         if name is not None:
             kernels.get_backend(name)
     return True
+
+
+# The mark ``torch.compiler.assume_constant_result`` sets (torch/_dynamo/decorators.py), set
+# here without calling it: the decorator imports Dynamo, and Dynamo imports Triton, which took
+# ``import batchnorm`` from 0.9 to 1.9 s (a test checks that the mark is still torch's).
+_backends_loaded._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 class _EagerForward(torch.autograd.Function):

@@ -415,24 +415,15 @@ def test_inductor():
 
 
 # --------------------------------------------------------------------------------------------
-# The routing proposed for ``ops.forward`` under torch.compile (mirrored here until ops.py has
-# it): select in Dynamo, import the triton ops only when Triton runs ``x``. The proposal also
-# requires ``x.device.type == "cuda"`` (Inductor cannot compile interpreter kernels), left out
-# here so that the routing itself is exercised on CPU tensors.
-
-
-@torch.compiler.assume_constant_result
-def _backends_loaded(device_type: str) -> bool:
-    for name in ("reference", kernels.forced(), *kernels.PREFERENCE.get(device_type, ())):
-        if name is not None:
-            kernels.get_backend(name)
-    return True
+# The routing of ``ops.forward`` under torch.compile, without its ``x.device.type == "cuda"``
+# condition (Inductor cannot compile interpreter kernels, so ops.py routes only CUDA tensors),
+# so that the routing itself, with ops.py's ``_backends_loaded``, is exercised on CPU tensors.
 
 
 def _routed_forward(*args):
     x = args[0]
     if torch.compiler.is_compiling():
-        if _backends_loaded(x.device.type) and kernels.select(x).name == "triton":
+        if ops._backends_loaded(x.device.type) and kernels.select(x).name == "triton":
             from batchnorm.kernels.triton_ops import triton_forward_op
             return triton_forward_op(*args)
         return ops.forward_op(*args)
@@ -457,3 +448,16 @@ def test_routing_traces_without_graph_break_from_a_cold_cache(forced, monkeypatc
     expected = "triton_forward" if forced == "triton" else "forward"
     assert targets == [f"batchnorm.{expected}.default"]
     torch.testing.assert_close(y, _torch_forward(*args), **TOL)
+
+
+def test_backends_loaded_carries_torchs_constant_result_mark():
+    """ops.py marks ``_backends_loaded`` by hand (the decorator would import Dynamo at import
+    time); the mark must be exactly what ``torch.compiler.assume_constant_result`` sets."""
+
+    def fresh() -> None: ...
+
+    marked = torch.compiler.assume_constant_result(fresh)
+    added = {k: v for k, v in vars(marked).items()}
+    assert added and all(getattr(ops._backends_loaded, k, object()) == v
+                         for k, v in added.items())
+

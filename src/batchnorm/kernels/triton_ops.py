@@ -37,7 +37,6 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
 from .. import ops
-from .. import stats as S
 from . import get_backend
 from . import triton as _tb
 
@@ -124,17 +123,8 @@ def triton_forward_op(
     slope: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``batchnorm::forward`` (``ops._forward_impl``) with the Triton kernels traceable."""
-    backend = _backend(x)
-    if training:
-        y, mean, rstd, var = backend.forward_train(x, weight, bias, residual, eps, act, slope)
-        return y, mean, rstd, var
-    assert running_mean is not None and running_var is not None
-    acc = S.accumulation_dtype(x.dtype)
-    mean = running_mean.to(acc, copy=True)
-    var = running_var.to(acc, copy=True)
-    rstd = S.rstd_from_var(var, eps)
-    y = backend.forward_eval(x, weight, bias, residual, mean, rstd, act, slope)
-    return y, mean, rstd, var
+    return ops.run_forward(_backend(x), x, weight, bias, residual, running_mean, running_var,
+                           training, eps, act, slope)
 
 
 @torch.library.triton_op("batchnorm::triton_backward", mutates_args=())
