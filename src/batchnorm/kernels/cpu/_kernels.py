@@ -791,16 +791,8 @@ def _row_grad(dy, x, r, g, o, C, mean, scale, shift, has_res, code, slope, z):
 
 @_njit_inline
 def _g2(d0, d1, e0, e1, sc, sh, q0, q1, code, has_res, z):
-    """``g = dy·act'(pre)`` of two rows for ``code`` NONE or RELU, ``pre = e·sc + sh [+ q]``
-    as :func:`_row_grad` computes it."""
-    if code == RELU:
-        p0 = e0 * sc + sh
-        p1 = e1 * sc + sh
-        if has_res:
-            p0 += q0
-            p1 += q1
-        return (d0 if p0 > z else z), (d1 if p1 > z else z)
-    return d0, d1
+    """:func:`_g1` of two rows."""
+    return _g1(d0, e0, sc, sh, q0, code, has_res, z), _g1(d1, e1, sc, sh, q1, code, has_res, z)
 
 
 @_njit_called
