@@ -248,6 +248,13 @@ def _sample_partials(x, C, S, c, n0, n1, k, z):
     return float(cnt), delta, tot2
 
 
+@njit(inline="always")
+def _fused_samples(a, b, S, code):
+    """Whether the backward of elements ``[a, b)`` takes the whole-sample NONE/RELU loops, which
+    use no ``g`` scratch (the one predicate for both the loops and the scratch allocation)."""
+    return _whole_samples(a, b, S) and (code == NONE or code == RELU)  # noqa: SIM109
+
+
 @_njit_inline
 def _chunk_partials(x, C, S, c, a, b, k, z):
     """``(n, δ, m2)`` of channel ``c``'s elements ``[a, b)`` shifted by ``k`` (float64)."""
@@ -447,7 +454,7 @@ def _sample_dx(dy, x, r, has_res, C, S, c, n0, n1, m, sc, sh, code, aa, rb, need
 def _nchw_sums_chunk(dy, x, r, has_res, C, S, c, a, b, m, sc, sh, code, slope, g, z):
     sg = 0.0
     sgx = 0.0
-    if _whole_samples(a, b, S) and (code == NONE or code == RELU):  # noqa: SIM109
+    if _fused_samples(a, b, S, code):
         return _sample_sums(dy, x, r, has_res, C, S, c, a // S, b // S, m, sc, sh, code, z)
     i = a
     while i < b:
@@ -463,7 +470,7 @@ def _nchw_sums_chunk(dy, x, r, has_res, C, S, c, a, b, m, sc, sh, code, slope, g
 @_njit_inline
 def _nchw_dx_chunk(dy, x, r, has_res, C, S, c, a, b, m, sc, sh, code, slope, aa, rb,
                    need_dx, need_dres, dx, dres, g, z):
-    if _whole_samples(a, b, S) and (code == NONE or code == RELU):  # noqa: SIM109
+    if _fused_samples(a, b, S, code):
         _sample_dx(dy, x, r, has_res, C, S, c, a // S, b // S, m, sc, sh, code, aa, rb,
                    need_dx, need_dres, dx, dres, z)
         return
@@ -485,7 +492,7 @@ def nchw_backward(dy, x, r, has_res, N, C, S, P, mean, rstd, scale, shift, code,
     NS = N * S
     # the fused NONE/RELU loops need no ``g`` scratch (one allocation per channel cost as much
     # as the arithmetic of a small channel)
-    no_scratch = (code == NONE or code == RELU) and S <= _BLOCK  # noqa: SIM109
+    no_scratch = _fused_samples(0, NS, S, code)
     dummy = np.empty(1, dtype=x.dtype)
     if P == 1:
         for c in prange(C):
