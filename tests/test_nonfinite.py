@@ -85,3 +85,62 @@ def test_eager_cpu_update_equals_the_traced_op(cumulative, bad):
     assert ok_a == ok_b == (not bad)
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("name", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("running_dtype", [torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("stat_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [None, "nan", "inf"])
+def test_backend_blend_running_equals_the_traced_op(name, running_dtype, stat_dtype, bad):
+    """Every backend's eager CPU blend writes, bit for bit, what the graph-safe op writes, and
+    nothing at all for a non-finite batch (the check comes before any write)."""
+    from batchnorm import kernels, ops
+
+    backend = kernels.get_backend(name)
+    if backend is None:
+        pytest.skip(f"backend {name!r} is not importable here")
+    mean = torch.randn(37, dtype=stat_dtype) * 100
+    var = torch.rand(37, dtype=stat_dtype) * 10 + 1e-3
+    if bad is not None:
+        (var if bad == "inf" else mean)[36] = float(bad)
+    rm0 = torch.randn(37).to(running_dtype)
+    rv0 = (torch.rand(37) + 0.5).to(running_dtype)
+    rm, rv = rm0.clone(), rv0.clone()
+    ok = backend.blend_running(rm.numpy(), rv.numpy(), mean.numpy(), var.numpy(), 0.3)
+    em, ev = rm0.clone(), rv0.clone()
+    expected = ops._update_impl(em, ev, None, None, mean, var, 0.3, False)
+    assert ok == bool(expected) == (bad is None)
+    assert torch.equal(rm, em) and torch.equal(rv, ev)
+    if bad is not None:
+        assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+def test_eager_update_moves_version_counters():
+    """The running statistics are written in place through NumPy views; their version counters
+    still move, so autograd refuses a stale saved copy instead of using the updated values.
+    (PyTorch 2.13's own CPU update leaves the counter alone: there the same backward silently
+    uses the new values.)"""
+    rm, rv = torch.zeros(3), torch.ones(3)
+    w = torch.ones(3, requires_grad=True)
+    z = (w * rm).sum()  # saves rm for w's gradient
+    versions = rm._version, rv._version
+    batchnorm.functional.batch_norm(torch.randn(5, 3), rm, rv, training=True)
+    assert rm._version > versions[0] and rv._version > versions[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()
+
+
+def test_inference_tensor_running_stats_raise_like_pytorch():
+    """Running statistics created under ``torch.inference_mode`` cannot be updated outside it:
+    the same RuntimeError as PyTorch's, and the buffers keep their values."""
+    with torch.inference_mode():
+        ours, theirs = batchnorm.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    x = torch.randn(6, 3)
+    for m in (theirs, ours):
+        with pytest.raises(RuntimeError, match="[Ii]nference"):
+            m(x)
+    assert torch.equal(ours.running_mean, torch.zeros(3))
+    with torch.inference_mode():  # inside the mode the update is allowed, as for PyTorch
+        theirs(x)
+        ours(x)
+    assert torch.allclose(ours.running_mean, theirs.running_mean, rtol=1e-6, atol=1e-7)

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from . import stats as S
 from .activations import act_forward
-from .kernels import Backend, select
+from .kernels import Backend, running_backend, select
 
 __all__ = ["forward", "forward_op", "backward_op", "update_running_stats",
            "update_running_stats_op"]
@@ -378,24 +379,28 @@ def _update_cpu(
     num_batches_skipped: Tensor | None, mean: Tensor, var_unbiased: Tensor, momentum: float,
     cumulative: bool,
 ) -> Tensor:
-    """:func:`_update_impl` for eager CPU tensors: the same float64 blend on C-sized NumPy views
-    (a dozen torch dispatches cost ~45 µs per call, more than the rest of a small layer); on the
-    CPU the finiteness flag can be read for free, so the skip is a plain branch."""
-    m, v = _numpy(mean), _numpy(var_unbiased)
-    if not (np.isfinite(m).all() and np.isfinite(v).all()):
+    """:func:`_update_impl` for eager CPU tensors: the same float64 blend, done by the backend's
+    :meth:`~batchnorm.kernels.base.Backend.blend_running` on NumPy views (a dozen torch
+    dispatches cost ~45 µs per call, more than the rest of a small layer); on the CPU the
+    finiteness flag can be read for free, so the skip is a plain branch."""
+    if running_mean.is_inference() or running_var.is_inference():
+        with torch.no_grad():  # torch's own in-place rules and errors for inference tensors
+            return _update_impl(running_mean, running_var, num_batches_tracked,
+                                num_batches_skipped, mean, var_unbiased, momentum, cumulative)
+    factor = momentum
+    if cumulative and num_batches_tracked is not None:
+        factor = 1.0 / max(int(num_batches_tracked) + 1, 1)  # the count once this batch is in
+    ok = running_backend().blend_running(_numpy(running_mean), _numpy(running_var),
+                                         _numpy(mean), _numpy(var_unbiased), factor)
+    if not ok:
         if num_batches_skipped is not None:
             num_batches_skipped.add_(1)
         return _FALSE
-    factor = momentum
+    # written through NumPy views: move the version counters as torch's in-place ops would, so
+    # that autograd's saved-tensor checks see the update as they see PyTorch's own
+    increment_version((running_mean, running_var))
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-        if cumulative:
-            factor = 1.0 / max(int(num_batches_tracked), 1)
-    for running, batch in ((running_mean, m), (running_var, v)):
-        new = S.blend(_numpy(running).astype(np.float64), batch.astype(np.float64), factor)
-        # written by torch, not through the NumPy view: the version counter moves and
-        # torch's in-place checks (inference tensors, ...) apply as for PyTorch's own update
-        _plain(running).copy_(torch.from_numpy(new))
     return _TRUE
 
 

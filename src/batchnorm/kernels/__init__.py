@@ -22,7 +22,8 @@ from torch import Tensor
 
 from .base import Backend
 
-__all__ = ["Backend", "get_backend", "select", "available_backends", "register_backend"]
+__all__ = ["Backend", "get_backend", "select", "available_backends", "register_backend",
+           "running_backend"]
 
 ENV_VAR = "BATCHNORM_BACKEND"
 
@@ -103,4 +104,18 @@ def select(x: Tensor) -> Backend:
         backend = get_backend(candidate)
         if backend is not None and backend.supports(x) and backend.prefers(x):
             return backend
+    return reference
+
+
+def running_backend() -> Backend:
+    """The backend whose :meth:`~Backend.blend_running` updates eager CPU running statistics:
+    the forced one, else the first importable backend of ``PREFERENCE["cpu"]``, else the
+    reference backend."""
+    name = forced()
+    for candidate in (name,) if name is not None else PREFERENCE.get("cpu", ()):
+        backend = get_backend(candidate)
+        if backend is not None:
+            return backend
+    reference = get_backend("reference")
+    assert reference is not None
     return reference

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+import numpy as np
 from torch import Tensor
 
 from .. import stats as S
@@ -78,6 +79,22 @@ class Backend(ABC):
         a: Tensor | None, b: Tensor | None, need_dx: bool, need_dres: bool,
     ) -> tuple[Tensor | None, Tensor | None]:
         """``(dx, dresidual)``; ``a``/``b`` are ``None`` with running statistics (eval)."""
+
+    # -- running statistics (eager CPU) -------------------------------------------------------
+    def blend_running(
+        self, running_mean: np.ndarray, running_var: np.ndarray, mean: np.ndarray,
+        var_unbiased: np.ndarray, factor: float,
+    ) -> bool:
+        """The eager CPU running-statistics update, on NumPy views of ``(C,)`` tensors: when
+        every value of ``mean`` and ``var_unbiased`` is finite, ``running = factor·batch +
+        (1 - factor)·running`` (:func:`batchnorm.stats.blend`, in float64, rounded once to the
+        running dtype) is written in place and the result is True; otherwise nothing is
+        written and the result is False."""
+        if not (np.isfinite(mean).all() and np.isfinite(var_unbiased).all()):
+            return False
+        for running, batch in ((running_mean, mean), (running_var, var_unbiased)):
+            running[...] = S.blend(running.astype(np.float64), batch.astype(np.float64), factor)
+        return True
 
     # -- fused entry points (override for speed) ----------------------------------------------
     def forward_train(

@@ -44,6 +44,7 @@ from . import _kernels as K
 __all__ = ["CpuBackend", "BACKEND"]
 
 _DTYPES = (torch.float32, torch.float64)
+_NP_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # Split a channel into chunks only when there are fewer than this many channels per thread.
 _CHANNELS_PER_THREAD = 4
 _MIN_CHUNK = 4096  # elements; smaller chunks cost more in bookkeeping than they gain
@@ -255,6 +256,13 @@ class CpuBackend(Backend):
                                   args.p, mf, rf, scf, shf, av, bv, args.code, args.slope,
                                   need_dx, need_dres, dxf, drf)
         return dx, dres
+
+    def blend_running(self, running_mean, running_var, mean, var_unbiased, factor):
+        # one Numba call (~3 µs) against ~20 µs of NumPy calls on a C = 1024 layer
+        if all(a.dtype in _NP_DTYPES for a in (running_mean, running_var, mean, var_unbiased)):
+            return bool(K.running_blend(running_mean, running_var, mean, var_unbiased,
+                                        float(factor)))
+        return super().blend_running(running_mean, running_var, mean, var_unbiased, factor)
 
     # -- fused paths: one Numba dispatch per call -------------------------------------------
     def forward_train(self, x, weight, bias, residual, eps, act, slope):

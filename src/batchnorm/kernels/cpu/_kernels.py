@@ -954,3 +954,23 @@ def nhwc_backward_apply(dy, x, r, has_res, M, C, P, mean, rstd, scale, shift, a,
     for p in prange(P):
         _nhwc_dx_rows(dy, x, r, has_res, C, p * M // P, (p + 1) * M // P, mean, scale, shift,
                       code, slope, a, rb, need_dx, need_dres, dx, dres, z)
+
+
+# ------------------------------------------------------------------------------------------
+# running statistics
+
+
+@njit(cache=True, nogil=True)
+def running_blend(rm, rv, mean, var, factor):
+    """:meth:`Backend.blend_running <batchnorm.kernels.base.Backend.blend_running>`: nothing
+    written unless every batch statistic is finite; the blend in float64 (no fastmath: the same
+    IEEE operations, in the same order, as ``stats.blend``), rounded once on the store."""
+    C = mean.shape[0]
+    for c in range(C):
+        if not (math.isfinite(mean[c]) and math.isfinite(var[c])):
+            return False
+    keep = 1.0 - factor
+    for c in range(C):
+        rm[c] = factor * np.float64(mean[c]) + keep * np.float64(rm[c])
+        rv[c] = factor * np.float64(var[c]) + keep * np.float64(rv[c])
+    return True
