@@ -163,6 +163,8 @@ def _warn_skipped(layer_name: str | None, skipped: Tensor | None) -> None:
 
 
 def _real(name: str, value: object) -> float:
+    if type(value) is float:  # the common case, without the numbers.Real ABC check
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
     return float(value)
@@ -202,7 +204,7 @@ def check_channel_tensor(name: str, t: object, input: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
     c = input.shape[1]
-    if t.dim() != 1 or t.numel() != c:
+    if t.dim() != 1 or t.shape[0] != c:
         raise BatchNormValueError(
             f"{name} should contain {c} elements not {t.numel()}: expected shape ({c},) for "
             f"input with {c} channels ({describe(input)}), got shape {tuple(t.shape)}"
@@ -211,8 +213,8 @@ def check_channel_tensor(name: str, t: object, input: Tensor) -> None:
         raise BatchNormValueError(
             f"{name}: expected a tensor on device {input.device} like input, got device {t.device}"
         )
-    allowed = {input.dtype, torch.float32} if input.dtype in _HALF else {input.dtype}
-    if t.dtype not in allowed:
+    if t.dtype is not input.dtype and (input.dtype not in _HALF or t.dtype is not torch.float32):
+        allowed = {input.dtype, torch.float32} if input.dtype in _HALF else {input.dtype}
         raise BatchNormTypeError(
             f"{name}: expected dtype {' or '.join(sorted(str(d) for d in allowed))} for "
             f"{input.dtype} input, got {t.dtype}"
@@ -294,6 +296,8 @@ def canonicalize(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor], Layout]
     shape and memory format, and the layout (to bring a residual into the same form).
     Inputs that are neither are made contiguous once.
     """
+    if x.dim() == 2 and x.is_contiguous():  # already (M, C): no view, no copy
+        return x, _identity, ("nc", tuple(x.shape))
     shape = tuple(x.shape)
     n, c, spatial = shape[0], shape[1], shape[2:]
     s = math.prod(spatial)
@@ -312,6 +316,10 @@ def canonicalize(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor], Layout]
             )
         x = x.contiguous()
     return x.view(n, c, s), lambda y: y.view(shape), ("first", shape)
+
+
+def _identity(y: Tensor) -> Tensor:
+    return y
 
 
 def to_layout(t: Tensor, layout: Layout) -> Tensor:
