@@ -34,6 +34,8 @@ SHAPES = [
     ((7, 13, 11), "primes"),
     ((2, 3001, 3), "huge C"),
     ((3, 2, 9001), "split channel"),
+    ((16, 37, 49), "lane blocks"),
+    ((300, 3, 5), "lane flush"),
     ((2, 5), "nc M=2"),
     ((97, 5), "nc primes"),
     ((3, 4099), "nc huge C"),
@@ -211,8 +213,8 @@ def test_channels_last_backward_flags(shape, residual, act, need):
             _close(g, e, torch.float32, scale=20 * max(1.0, n ** 0.5))
 
 
-@pytest.mark.parametrize("shape", [(16, 5, 4001), (8, 64, 49), (5003, 64)],
-                         ids=["split", "fused", "nc"])
+@pytest.mark.parametrize("shape", [(16, 5, 4001), (8, 64, 49), (32, 64, 49), (5003, 64)],
+                         ids=["split", "fused", "lanes", "nc"])
 def test_deterministic_bitwise(shape):
     x, w, b, r = _inputs(shape, torch.float32, residual=True)
     dy = torch.randn(shape)
@@ -224,6 +226,45 @@ def test_deterministic_bitwise(shape):
         runs.append((y, mean, rstd, var, *grads))
     for a, b2 in zip(*runs, strict=True):
         assert torch.equal(a, b2)
+
+
+@pytest.mark.parametrize("need", [(True, False), (False, True), (True, True)],
+                         ids=["dx", "dres", "dx+dres"])
+@pytest.mark.parametrize("act", ["none", "relu"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_lane_blocks_flags_and_thread_independence(residual, act, need, monkeypatch):
+    """Short channels-first samples (S ≤ 64, N ≥ 16) run in lane blocks whose width depends on
+    the thread count; every result must still be the same bits on one thread and on two, and
+    every (dx, dres) combination must agree with the reference."""
+    from batchnorm.kernels.cpu import _kernels as K
+
+    shape = (24, 45, 9)
+    assert shape[2] <= K._LANE_MAX_S and shape[0] >= K._LANE_MIN_N
+    x, w, b, r = _inputs(shape, torch.float32, residual)
+    dy = torch.randn(shape)
+    results = []
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda t=threads: t)
+        fwd = CPU.forward_train(x, w, b, r, 1e-5, act, SLOPE)
+        results.append((fwd, [CPU.backward(dy, x, w, b, r, fwd[1], fwd[2], training, act, SLOPE,
+                                           need[0], True, True, need[1])
+                              for training in (True, False)]))
+    (f1, b1), (f2, b2) = results
+    assert all(torch.equal(u, v) for u, v in zip(f1, f2, strict=True))
+    for g1, g2 in zip(b1, b2, strict=True):
+        assert all((u is None and v is None) or torch.equal(u, v)
+                   for u, v in zip(g1, g2, strict=True))
+    want = REF.forward_train(x, w, b, r, 1e-5, act, SLOPE)
+    for o, e in zip(f1, want, strict=True):
+        _close(o, e, torch.float32, scale=4)
+    for training, got in zip((True, False), b1, strict=True):
+        exp = REF.backward(dy, x, w, b, r, f1[1], f1[2], training, act, SLOPE, need[0], True,
+                           True, need[1])
+        assert (got[0] is None) != need[0] and (got[3] is None) != need[1]
+        _close(got[0], exp[0], torch.float32, scale=20)
+        _close(got[3], exp[3], torch.float32)
+        for g, e in zip(got[1:3], exp[1:3], strict=True):
+            _close(g, e, torch.float32, scale=20 * shape[0])
 
 
 def test_thread_count_follows_torch():

@@ -191,9 +191,9 @@ class _Args:
         tmp = np.empty((2, c * p))
         tg, tgx = tmp[0], tmp[1]
         if self.first:
-            K.nchw_backward(dy, self.x, self.r, self.has_res, self.n, c, self.s, p, mean, rstd,
-                            scale, shift, self.code, self.slope, training, need_sums, need_dx,
-                            need_dres, dx, dres, sg, sgx, tg, tgx)
+            K.nchw_backward(dy, self.x, self.r, self.has_res, self.n, c, self.s, p, self.threads,
+                            mean, rstd, scale, shift, self.code, self.slope, training, need_sums,
+                            need_dx, need_dres, dx, dres, sg, sgx, tg, tgx)
         else:
             K.nhwc_backward(dy, self.x, self.r, self.has_res, self.m, c, p, mean, rstd, scale,
                             shift, self.code, self.slope, training, need_sums, need_dx,
@@ -274,9 +274,9 @@ class CpuBackend(Backend):
         w = _acc(weight, dt) if weight is not None else stat[0]
         b = _acc(bias, dt) if bias is not None else stat[0]
         if args.first:
-            K.nchw_forward(args.x, _np(y), args.r, args.has_res, args.n, c, args.s, p, w, b,
-                           weight is not None, bias is not None, dt.type(eps), args.code,
-                           args.slope, stat, part[0], part[1], part[2])
+            K.nchw_forward(args.x, _np(y), args.r, args.has_res, args.n, c, args.s, p,
+                           args.threads, w, b, weight is not None, bias is not None,
+                           dt.type(eps), args.code, args.slope, stat, part[0], part[1], part[2])
         else:
             K.nhwc_forward(args.x, _np(y), args.r, args.has_res, args.m, c, p, w, b,
                            weight is not None, bias is not None, dt.type(eps), args.code,
