@@ -90,9 +90,10 @@ def test_forward_backward_against_reference(shape, act):
             _close(g, e, dtype, scale=20 * max(1.0, n ** 0.5))
 
 
-@pytest.mark.parametrize("shape", [(8, 64, 601), (3, 2, 50021), (40009, 7), (3000, 2, 7),
-                                   (2999, 2, 7)],
-                         ids=["fused", "split", "nc blocks", "split samples", "split runs"])
+@pytest.mark.parametrize("shape", [(8, 64, 601), (3, 2, 50021), (40009, 7), (1100, 600),
+                                   (3000, 2, 7), (2999, 2, 7)],
+                         ids=["fused", "split", "nc blocks", "nc wide blocks", "split samples",
+                              "split runs"])
 @pytest.mark.parametrize("act", ["relu", "silu"])
 def test_threaded_paths_against_reference(shape, act):
     """Tensors above SERIAL_ELEMENTS run on every thread (the shapes above run on one)."""
