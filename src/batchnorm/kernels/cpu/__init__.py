@@ -45,6 +45,7 @@ __all__ = ["CpuBackend", "BACKEND"]
 
 _DTYPES = (torch.float32, torch.float64)
 _NP_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FUSED_CODES = (K.NONE, K.RELU)  # activations whose backward the lane blocks fuse
 # Split a channel into chunks only when there are fewer than this many channels per thread.
 _CHANNELS_PER_THREAD = 4
 _MIN_CHUNK = 4096  # elements; smaller chunks cost more in bookkeeping than they gain
@@ -195,10 +196,14 @@ class _Args:
         sg, sgx = np.empty(c, dtype=self.dt), np.empty(c, dtype=self.dt)
         tmp = np.empty((2, c * p))
         tg, tgx = tmp[0], tmp[1]
-        if self.first:
-            K.nchw_backward(dy, self.x, self.r, self.has_res, self.n, c, self.s, p, self.threads,
-                            mean, rstd, scale, shift, self.code, self.slope, training, need_sums,
-                            need_dx, need_dres, dx, dres, sg, sgx, tg, tgx)
+        if self.first and K.lanes(self.n, self.s, p) and self.code in _FUSED_CODES:
+            K.nchw_backward_lanes(dy, self.x, self.r, self.has_res, self.n, c, self.s,
+                                  self.threads, mean, rstd, scale, shift, self.code, training,
+                                  need_sums, need_dx, need_dres, dx, dres, sg, sgx)
+        elif self.first:
+            K.nchw_backward(dy, self.x, self.r, self.has_res, self.n, c, self.s, p, mean, rstd,
+                            scale, shift, self.code, self.slope, training, need_sums, need_dx,
+                            need_dres, dx, dres, sg, sgx, tg, tgx)
         else:
             K.nhwc_backward(dy, self.x, self.r, self.has_res, self.m, c, p, mean, rstd, scale,
                             shift, self.code, self.slope, training, need_sums, need_dx,
@@ -279,9 +284,14 @@ class CpuBackend(Backend):
         w = _acc(weight, dt) if weight is not None else stat[0]
         b = _acc(bias, dt) if bias is not None else stat[0]
         if args.first:
-            K.nchw_forward(args.x, _np(y), args.r, args.has_res, args.n, c, args.s, p,
-                           args.threads, w, b, weight is not None, bias is not None,
-                           dt.type(eps), args.code, args.slope, stat, part[0], part[1], part[2])
+            if K.lanes(args.n, args.s, p):
+                K.nchw_forward_lanes(args.x, _np(y), args.r, args.has_res, args.n, c, args.s,
+                                     args.threads, w, b, weight is not None, bias is not None,
+                                     dt.type(eps), args.code, args.slope, stat)
+            else:
+                K.nchw_forward(args.x, _np(y), args.r, args.has_res, args.n, c, args.s, p, w, b,
+                               weight is not None, bias is not None, dt.type(eps), args.code,
+                               args.slope, stat, part[0], part[1], part[2])
         else:
             K.nhwc_forward(args.x, _np(y), args.r, args.has_res, args.m, c, p, w, b,
                            weight is not None, bias is not None, dt.type(eps), args.code,

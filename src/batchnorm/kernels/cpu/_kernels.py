@@ -333,10 +333,9 @@ _LANE_MIN_N = 16
 _LANE_ELEMENTS = 2048  # a lane block's width: (channels per block) · S ≤ this
 
 
-@njit(inline="always")
-def _lanes(N, S):
-    """Whether a one-channel-per-item pass takes the lane blocks instead."""
-    return S <= _LANE_MAX_S and N >= _LANE_MIN_N
+def lanes(N: int, S: int, P: int) -> bool:
+    """Whether a channels-first call takes the lane-block entry points (host side)."""
+    return P == 1 and S <= _LANE_MAX_S and N >= _LANE_MIN_N
 
 
 @_njit_inline
@@ -430,21 +429,15 @@ def _lane_forward(x, y, r, has_res, N, C, S, c0, c1, w_, bias, has_w, has_b, eps
 
 
 @_parallel
-def nchw_forward(x, y, r, has_res, N, C, S, P, T, w, bias, has_w, has_b, eps, code, slope, stat,
+def nchw_forward(x, y, r, has_res, N, C, S, P, w, bias, has_w, has_b, eps, code, slope, stat,
                  cnt, dlt, m2):
     """Training forward. ``P == 1``: one channel per item, statistics and output while the
-    channel's slab is in cache (one parallel region), or with short samples one lane block of
-    channels per item (:func:`_lane_forward`; ``T``, the thread count, sets only how many
-    blocks). ``P > 1``: chunk partials, merge, output (two regions). ``cnt``/``dlt``/``m2``
-    are ``C*P`` float64 scratch."""
+    channel's slab is in cache (one parallel region). ``P > 1``: chunk partials, merge, output
+    (two regions). ``cnt``/``dlt``/``m2`` are ``C*P`` float64 scratch. Short samples take
+    :func:`nchw_forward_lanes` instead (the host decides)."""
     z = x.dtype.type(0.0)
     NS = N * S
-    if P == 1 and _lanes(N, S):
-        cb = max(1, min(_LANE_ELEMENTS // S, C // (4 * T)))
-        for bi in prange((C + cb - 1) // cb):
-            _lane_forward(x, y, r, has_res, N, C, S, bi * cb, min(C, (bi + 1) * cb), w, bias,
-                          has_w, has_b, eps, code, slope, stat, z)
-    elif P == 1:
+    if P == 1:
         for c in prange(C):
             k = x[c * S]
             n_, d_, q_ = _chunk_partials(x, C, S, c, 0, NS, k, z)
@@ -467,6 +460,20 @@ def nchw_forward(x, y, r, has_res, N, C, S, P, T, w, bias, has_w, has_b, eps, co
             p = it - c * P
             _nchw_apply_chunk(x, y, r, has_res, C, S, c, p * NS // P, (p + 1) * NS // P, x[c * S],
                               x.dtype.type(stat[5, c]), stat[3, c], stat[4, c], code, slope, z)
+
+
+@_parallel
+def nchw_forward_lanes(x, y, r, has_res, N, C, S, T, w, bias, has_w, has_b, eps, code, slope,
+                       stat):
+    """Training forward of short samples (:func:`lanes`): one lane block of channels per item
+    (:func:`_lane_forward`). A separate entry point, compiled only when a shape needs it (in
+    :func:`nchw_forward` it added 7 s to every first compile); ``T``, the thread count, sets
+    only the number of blocks."""
+    z = x.dtype.type(0.0)
+    cb = max(1, min(_LANE_ELEMENTS // S, C // (4 * T)))
+    for bi in prange((C + cb - 1) // cb):
+        _lane_forward(x, y, r, has_res, N, C, S, bi * cb, min(C, (bi + 1) * cb), w, bias,
+                      has_w, has_b, eps, code, slope, stat, z)
 
 
 @_parallel
@@ -688,27 +695,19 @@ def _nchw_dx_chunk(dy, x, r, has_res, C, S, c, a, b, m, sc, sh, code, slope, aa,
 
 
 @_parallel
-def nchw_backward(dy, x, r, has_res, N, C, S, P, T, mean, rstd, scale, shift, code, slope,
+def nchw_backward(dy, x, r, has_res, N, C, S, P, mean, rstd, scale, shift, code, slope,
                   training, need_sums, need_dx, need_dres, dx, dres, sg_o, sgx_o, tg, tgx):
     """Backward: ``(Σg, Σg·x̂)`` then ``dx``/``dres``. ``P == 1``: one channel per item, the
-    second pass from the cache-resident slab (one region), or with short samples and NONE/RELU
-    one lane block of channels per item (:func:`_lane_backward`; ``T``, the thread count, sets
-    only how many blocks); ``P > 1``: chunk sums (``tg``/``tgx`` float64 scratch of ``C*P``),
-    fixed-order combine, apply (two regions)."""
+    second pass from the cache-resident slab (one region); ``P > 1``: chunk sums (``tg``/``tgx``
+    float64 scratch of ``C*P``), fixed-order combine, apply (two regions). Short samples with
+    NONE/RELU take :func:`nchw_backward_lanes` instead (the host decides)."""
     z = x.dtype.type(0.0)
     NS = N * S
     # the fused NONE/RELU loops need no ``g`` scratch (one allocation per channel cost as much
     # as the arithmetic of a small channel)
     no_scratch = _fused_samples(0, NS, S, code)
     dummy = np.empty(1, dtype=x.dtype)
-    if P == 1 and _lanes(N, S) and (code == NONE or code == RELU):  # noqa: SIM109
-        # blocks of at most _LANE_ELEMENTS // S channels, at least 4 blocks per thread
-        cb = max(1, min(_LANE_ELEMENTS // S, C // (4 * T)))
-        for bi in prange((C + cb - 1) // cb):
-            _lane_backward(dy, x, r, has_res, N, C, S, bi * cb, min(C, (bi + 1) * cb), mean,
-                           rstd, scale, shift, code, training, need_sums, need_dx, need_dres, dx,
-                           dres, sg_o, sgx_o, z)
-    elif P == 1:
+    if P == 1:
         for c in prange(C):
             g = dummy if no_scratch else np.empty(_BLOCK, dtype=x.dtype)
             m = mean[c]
@@ -758,6 +757,20 @@ def nchw_backward(dy, x, r, has_res, N, C, S, P, T, mean, rstd, scale, shift, co
                 _nchw_dx_chunk(dy, x, r, has_res, C, S, c, p * NS // P, (p + 1) * NS // P, mean[c],
                                scale[c], shift[c], code, slope, aa, rb, need_dx, need_dres, dx,
                                dres, g, z)
+
+
+@_parallel
+def nchw_backward_lanes(dy, x, r, has_res, N, C, S, T, mean, rstd, scale, shift, code, training,
+                        need_sums, need_dx, need_dres, dx, dres, sg_o, sgx_o):
+    """The NONE/RELU backward of short samples (:func:`lanes`): one lane block of channels per
+    item (:func:`_lane_backward`); at most ``_LANE_ELEMENTS // S`` channels and at least four
+    blocks per thread (``T``) when there are channels enough."""
+    z = x.dtype.type(0.0)
+    cb = max(1, min(_LANE_ELEMENTS // S, C // (4 * T)))
+    for bi in prange((C + cb - 1) // cb):
+        _lane_backward(dy, x, r, has_res, N, C, S, bi * cb, min(C, (bi + 1) * cb), mean, rstd,
+                       scale, shift, code, training, need_sums, need_dx, need_dres, dx, dres,
+                       sg_o, sgx_o, z)
 
 
 # ------------------------------------------------------------------------------------------
