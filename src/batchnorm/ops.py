@@ -397,7 +397,8 @@ def _update_cpu(
             num_batches_skipped.add_(1)
         return _FALSE
     # written through NumPy views: move the version counters as torch's in-place ops would, so
-    # that autograd's saved-tensor checks see the update as they see PyTorch's own
+    # that a tensor saved for backward before the update is refused, not silently read anew
+    # (PyTorch 2.13's own CPU update leaves the counters alone)
     increment_version((running_mean, running_var))
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
