@@ -144,3 +144,85 @@ def test_inference_tensor_running_stats_raise_like_pytorch():
         theirs(x)
         ours(x)
     assert torch.allclose(ours.running_mean, theirs.running_mean, rtol=1e-6, atol=1e-7)
+
+
+def test_skip_warning_names_the_callers_line(backend):
+    """The report points at the user's call (module or function), not at a line inside the
+    package or torch.nn, whichever path ran the update."""
+    device = device_for(backend)
+    x = torch.randn(4, 3, 2, 2, device=device)
+    x[0, 1, 0, 0] = float("nan")
+    m = batchnorm.BatchNorm2d(3, device=device)
+    with pytest.warns(NonFiniteBatchWarning) as module_call:
+        m(x)
+    with pytest.warns(NonFiniteBatchWarning) as function_call:
+        batchnorm.functional.batch_norm(x, m.running_mean.clone(), m.running_var.clone(),
+                                        training=True)
+    for record in (module_call[0], function_call[0]):
+        assert record.filename == __file__
+
+
+_FOLD_CASES = {
+    "2-D": ((6, 5), torch.contiguous_format),
+    "channels-first": ((4, 3, 5, 5), torch.contiguous_format),
+    "channels-last": ((4, 3, 5, 5), torch.channels_last),
+    "lane blocks": ((16, 5, 7, 7), torch.contiguous_format),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_FOLD_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("bad", [False, True])
+def test_folded_update_equals_the_update_on_its_own(backend, monkeypatch, case, dtype,
+                                                     momentum, bad):
+    """Eager CPU training folds the running-statistics update into the forward's backend call
+    (``ops.running_update``); the state it leaves is, bit for bit, what the update run on its
+    own leaves: running statistics, both counters, the output and the gradients."""
+    from batchnorm import ops
+
+    device = device_for(backend)
+    shape, fmt = _FOLD_CASES[case]
+    batches = [torch.randn(shape, dtype=dtype) * 3 + 5 for _ in range(3)]
+    if bad:
+        batches[1].view(-1)[7] = float("nan")
+    dy = torch.randn(shape, dtype=dtype)
+    cls = batchnorm.BatchNorm1d if len(shape) == 2 else batchnorm.BatchNorm2d
+    requests = []
+    real = ops.running_update
+
+    def spy(*args):
+        requests.append(real(*args))
+        return requests[-1]
+
+    results = []
+    for fold in (True, False):
+        monkeypatch.setattr(ops, "running_update", spy if fold else lambda *args: None)
+        m = cls(shape[1], momentum=momentum, activation="relu", device=device, dtype=dtype)
+        outs = []
+        for i, b in enumerate(batches):
+            x = b.to(device).to(memory_format=fmt).requires_grad_(i == 2)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NonFiniteBatchWarning)
+                y = m(x)
+            if i == 2:
+                y.backward(dy.to(device))
+                outs += [x.grad, m.weight.grad, m.bias.grad]
+            outs.append(y.detach())
+        state = [m.running_mean, m.running_var, m.num_batches_tracked, m.num_batches_skipped]
+        results.append((outs, state))
+    (outs_a, state_a), (outs_b, state_b) = results
+    if backend == "cpu":  # the Numba backend folds every one of these updates
+        assert len(requests) == 3 and all(r is not None and r.ok is not None for r in requests)
+    for a, b in zip(state_a + outs_a, state_b + outs_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # bitwise
+    assert int(state_a[3]) == int(bad) and int(state_a[2]) == 3 - int(bad)
+
+
+def test_folded_update_waits_for_a_valid_call(monkeypatch):
+    """A call rejected by the checks folds nothing: the running statistics stay as they were."""
+    rm, rv = torch.zeros(3), torch.ones(3)
+    with pytest.raises(ValueError, match="residual"):
+        batchnorm.functional.batch_norm(torch.randn(4, 3), rm, rv, training=True,
+                                        residual=torch.randn(4, 2))
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -100,19 +102,31 @@ def batch_norm_impl(
     x, restore, layout = canonicalize(input)
     r = None if residual is None else to_layout(residual, layout)
     update = training and running_mean is not None and running_var is not None
+    running = None
+    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    if update:
+        assert running_mean is not None and running_var is not None
+        # eager CPU: the update rides on the forward's backend call (see ops.running_update)
+        running = ops.running_update(running_mean, running_var, num_batches_tracked,
+                                     0.0 if momentum is None else float(momentum),
+                                     momentum is None, count)
     y, mean, _rstd, var = ops.forward(
         x, weight, bias, r,
         None if training else running_mean, None if training else running_var,
-        bool(training), float(eps), act, slope,
+        bool(training), float(eps), act, slope, running,
     )
     if update:
         assert running_mean is not None and running_var is not None
-        count = x.numel() // x.shape[1] if x.shape[1] else 0
-        update_running_statistics(
-            running_mean, running_var, mean, S.unbiased_var(var, count), momentum, count=count,
-            num_batches_tracked=num_batches_tracked, num_batches_skipped=num_batches_skipped,
-            layer_name=layer_name,
-        )
+        ok = ops.finish_running_update(running, running_mean, running_var, num_batches_tracked,
+                                       num_batches_skipped)
+        if ok is None:  # not folded: the update on its own
+            update_running_statistics(
+                running_mean, running_var, mean, S.unbiased_var(var, count), momentum,
+                count=count, num_batches_tracked=num_batches_tracked,
+                num_batches_skipped=num_batches_skipped, layer_name=layer_name,
+            )
+        elif not ok:
+            _warn_skipped(layer_name, num_batches_skipped)
     return restore(y)
 
 
@@ -154,8 +168,24 @@ def _warn_skipped(layer_name: str | None, skipped: Tensor | None) -> None:
         f"{layer_name or 'batch_norm'}: batch statistics are not finite (NaN or Inf in the "
         f"input); running statistics and num_batches_tracked were left unchanged{so_far}",
         NonFiniteBatchWarning,
-        stacklevel=4,
+        stacklevel=_caller_level(),
     )
+
+
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that makes a warning raised by the caller of this function name the
+    first frame outside this package and torch (the user's call of a layer or function, however
+    deep the layers in between)."""
+    frame = sys._getframe(1)  # the frame that calls warnings.warn: stacklevel 1
+    level = 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
 
 
 # --------------------------------------------------------------------------------------------

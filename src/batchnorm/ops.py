@@ -26,9 +26,10 @@ from torch.autograd.graph import increment_version
 from . import stats as S
 from .activations import act_forward
 from .kernels import Backend, running_backend, select
+from .kernels.base import RunningUpdate
 
 __all__ = ["forward", "forward_op", "backward_op", "update_running_stats",
-           "update_running_stats_op"]
+           "update_running_stats_op", "running_update", "finish_running_update"]
 
 _NONE = torch.empty(0)
 
@@ -65,11 +66,14 @@ def run_forward(
     eps: float,
     act: str,
     slope: float,
+    running: RunningUpdate | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward op's body on a given backend: batch statistics in training, copies of the
-    running ones otherwise (shared by ``batchnorm::forward`` and the Triton ops)."""
+    running ones otherwise (shared by ``batchnorm::forward`` and the Triton ops). ``running``:
+    an eager CPU running-statistics update the backend may fold in (training only)."""
     if training:
-        y, mean, rstd, var = backend.forward_train(x, weight, bias, residual, eps, act, slope)
+        y, mean, rstd, var = backend.forward_train(x, weight, bias, residual, eps, act, slope,
+                                                   running)
         return y, mean, rstd, var
     assert running_mean is not None and running_var is not None
     acc = _stat_dtype(x)
@@ -274,23 +278,32 @@ class _EagerForward(torch.autograd.Function):
 class _EagerForwardCtx(torch.autograd.Function):
     """:class:`_EagerForward` in the ``forward(ctx, ...)`` style, used when no ``torch.func``
     transform is active: ``Function.apply`` binds a ``setup_context``-style forward's arguments
-    through ``inspect.signature`` on every call (~12 µs, as much as a small kernel)."""
+    through ``inspect.signature`` on every call (~12 µs, as much as a small kernel). Its last
+    input is the :class:`RunningUpdate` to fold in, or ``None``."""
 
     @staticmethod
     def forward(ctx, *inputs):  # type: ignore[override]
-        out = _forward_impl(*inputs)
-        _setup_forward(ctx, inputs, out)
+        x, weight, bias, residual, rm, rv, training, eps, act, slope, running = inputs
+        out = run_forward(select(x), x, weight, bias, residual, rm, rv, training, eps, act,
+                          slope, running)
+        _setup_forward(ctx, inputs[:-1], out)
         return out
 
-    backward = _EagerForward.backward
+    @staticmethod
+    def backward(ctx, grad_y, gmean, grstd, gvar):  # type: ignore[override]
+        grads = _backward_formula(ctx, grad_y, gmean, grstd, gvar, single_pass=_eager_backward)
+        return (*grads, None)
 
 
 def forward(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
     running_mean: Tensor | None, running_var: Tensor | None, training: bool, eps: float,
-    act: str, slope: float,
+    act: str, slope: float, running: RunningUpdate | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``batchnorm::forward``: the custom op when tracing, the same code directly in eager."""
+    """``batchnorm::forward``: the custom op when tracing, the same code directly in eager.
+
+    ``running`` (eager CPU, from :func:`running_update`): a running-statistics update that the
+    backend may fold into its call; see :func:`finish_running_update` for what follows."""
     args = (x, weight, bias, residual, running_mean, running_var, training, eps, act, slope)
     if torch.compiler.is_compiling():
         if x.device.type == "cuda" and _backends_loaded("cuda") and select(x).name == "triton":
@@ -309,10 +322,10 @@ def forward(
         return y, mean, rstd, var
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-        return _forward_impl(*args)  # nothing to differentiate: no autograd node
+        return run_forward(select(x), *args, running)  # nothing to differentiate: no node
     if torch._C._are_functorch_transforms_active():
         return _EagerForward.apply(*args)  # type: ignore[no-any-return]
-    return _EagerForwardCtx.apply(*args)  # type: ignore[no-any-return]
+    return _EagerForwardCtx.apply(*args, running)  # type: ignore[no-any-return]
 
 
 def _update_impl(
@@ -387,22 +400,62 @@ def _update_cpu(
         with torch.no_grad():  # torch's own in-place rules and errors for inference tensors
             return _update_impl(running_mean, running_var, num_batches_tracked,
                                 num_batches_skipped, mean, var_unbiased, momentum, cumulative)
-    factor = momentum
+    ok = running_backend().blend_running(
+        _numpy(running_mean), _numpy(running_var), _numpy(mean), _numpy(var_unbiased),
+        _factor(momentum, cumulative, num_batches_tracked))
+    return _TRUE if _count(ok, running_mean, running_var, num_batches_tracked,
+                           num_batches_skipped) else _FALSE
+
+
+def _factor(momentum: float, cumulative: bool, num_batches_tracked: Tensor | None) -> float:
+    """The blend factor of :func:`_update_impl`, read on the host (CPU tensors)."""
     if cumulative and num_batches_tracked is not None:
-        factor = 1.0 / max(int(num_batches_tracked) + 1, 1)  # the count once this batch is in
-    ok = running_backend().blend_running(_numpy(running_mean), _numpy(running_var),
-                                         _numpy(mean), _numpy(var_unbiased), factor)
+        return 1.0 / max(int(num_batches_tracked) + 1, 1)  # the count once this batch is in
+    return momentum
+
+
+def _count(ok: bool, running_mean: Tensor, running_var: Tensor,
+           num_batches_tracked: Tensor | None, num_batches_skipped: Tensor | None) -> bool:
+    """The counters after a blend done through NumPy views (``ok``: whether it was done)."""
     if not ok:
         if num_batches_skipped is not None:
             num_batches_skipped.add_(1)
-        return _FALSE
+        return False
     # written through NumPy views: move the version counters as torch's in-place ops would, so
     # that a tensor saved for backward before the update is refused, not silently read anew
     # (PyTorch 2.13's own CPU update leaves the counters alone)
     increment_version((running_mean, running_var))
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
-    return _TRUE
+    return True
+
+
+def running_update(
+    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
+    momentum: float, cumulative: bool, count: int,
+) -> RunningUpdate | None:
+    """The update of :func:`update_running_stats` as a request for :func:`forward` to fold into
+    the backend's call (eager CPU; ``count`` elements per channel), or ``None`` where it must run
+    on its own: under tracing, off the CPU, for an empty batch, for dtypes NumPy lacks
+    (bfloat16) and for inference tensors (torch's error)."""
+    if count <= 0 or running_mean.device.type != "cpu" or torch.compiler.is_compiling() \
+            or running_mean.dtype not in _NUMPY_FLOATS or running_var.dtype not in _NUMPY_FLOATS \
+            or running_mean.is_inference() or running_var.is_inference():
+        return None
+    return RunningUpdate(_numpy(running_mean), _numpy(running_var),
+                         _factor(momentum, cumulative, num_batches_tracked), count)
+
+
+def finish_running_update(
+    running: RunningUpdate | None, running_mean: Tensor, running_var: Tensor,
+    num_batches_tracked: Tensor | None, num_batches_skipped: Tensor | None,
+) -> bool | None:
+    """After :func:`forward`: the counters of a folded update, and whether the batch was finite;
+    ``None`` when nothing was folded (then :func:`update_running_stats` must run)."""
+    if running is None or running.ok is None:
+        return None
+    return _count(running.ok, running_mean, running_var, num_batches_tracked,
+                  num_batches_skipped)
 
 
 def _plain(t: Tensor) -> Tensor:

@@ -34,6 +34,27 @@ from torch import Tensor
 from .. import stats as S
 
 
+class RunningUpdate:
+    """A running-statistics update that a backend may fold into an eager CPU training forward
+    (the ``running`` argument of :meth:`Backend.forward_train`), where a separate update cost
+    more torch dispatches than a small layer's kernel.
+
+    ``mean``/``var`` are NumPy views of the running buffers, ``factor`` the blend factor and
+    ``bessel`` the factor that turns the batch's biased variance into the unbiased one
+    (:func:`batchnorm.stats.unbiased_var`). A backend that folds the update blends by the rule
+    of :meth:`Backend.blend_running` and sets ``ok``: whether the batch was finite (and so
+    written). ``ok`` stays ``None`` where nothing was folded; the caller then runs the update on
+    its own.
+    """
+
+    __slots__ = ("mean", "var", "factor", "bessel", "ok")
+
+    def __init__(self, mean: np.ndarray, var: np.ndarray, factor: float, count: int) -> None:
+        self.mean, self.var, self.factor = mean, var, factor
+        self.bessel = count / max(count - 1, 1)  # as stats.unbiased_var
+        self.ok: bool | None = None
+
+
 class Backend(ABC):
     """Base class; subclasses override the primitives and, for speed, the fused paths."""
 
@@ -99,9 +120,10 @@ class Backend(ABC):
     # -- fused entry points (override for speed) ----------------------------------------------
     def forward_train(
         self, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-        eps: float, act: str, slope: float,
+        eps: float, act: str, slope: float, running: RunningUpdate | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Batch statistics and output: ``(y, mean, rstd, biased var)``."""
+        """Batch statistics and output: ``(y, mean, rstd, biased var)``. A backend may also
+        apply the ``running`` update (see :class:`RunningUpdate`); this one leaves it."""
         mean, var, rstd = S.finalize(self.stats(x), eps)
         scale = S.scale_of(rstd, weight)
         shift = None if bias is None else bias.to(mean.dtype)

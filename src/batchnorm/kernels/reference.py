@@ -38,7 +38,7 @@ class ReferenceBackend(Backend):
     def stats(self, x: Tensor) -> S.Partials:
         return S.channel_partials(x)
 
-    def forward_train(self, x, weight, bias, residual, eps, act, slope):
+    def forward_train(self, x, weight, bias, residual, eps, act, slope, running=None):
         # Normalize the centered tensor itself rather than x - round(mean): see
         # stats.centered_partials (exact to one rounding when |mean| >> std).
         partials, centered = S.centered_partials(x)

@@ -615,7 +615,7 @@ class TritonBackend(Backend):
         return dx, dres
 
     # -- fused paths ----------------------------------------------------------------------------
-    def forward_train(self, x, weight, bias, residual, eps, act, slope):
+    def forward_train(self, x, weight, bias, residual, eps, act, slope, running=None):
         acc = S.accumulation_dtype(x.dtype)
         plan = self._persistent(x)
         if plan is None:  # split: tile partials -> merge + finalize -> apply (3 launches)

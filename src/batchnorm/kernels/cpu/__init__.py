@@ -271,11 +271,11 @@ class CpuBackend(Backend):
         # one Numba call (~3 µs) against ~20 µs of NumPy calls on a C = 1024 layer
         if all(a.dtype in _NP_DTYPES for a in (running_mean, running_var, mean, var_unbiased)):
             return bool(K.running_blend(running_mean, running_var, mean, var_unbiased,
-                                        float(factor)))
+                                        var_unbiased.dtype.type(1.0), float(factor)))
         return super().blend_running(running_mean, running_var, mean, var_unbiased, factor)
 
     # -- fused paths: one Numba dispatch per call -------------------------------------------
-    def forward_train(self, x, weight, bias, residual, eps, act, slope):
+    def forward_train(self, x, weight, bias, residual, eps, act, slope, running=None):
         args = _Args(x, residual, act, slope)
         c, p, dt = args.c, args.p, args.dt
         y = torch.empty_like(x)
@@ -296,6 +296,11 @@ class CpuBackend(Backend):
             K.nhwc_forward(args.x, _np(y), args.r, args.has_res, args.m, c, p, w, b,
                            weight is not None, bias is not None, dt.type(eps), args.code,
                            args.slope, stat, part[0], part[1], part[2])
+        if running is not None and all(a.dtype in _NP_DTYPES for a in (running.mean,
+                                                                          running.var)):
+            # the update in the same call's wake: mean and var·bessel straight from the stat
+            running.ok = bool(K.running_blend(running.mean, running.var, stat[0], stat[1],
+                                              dt.type(running.bessel), running.factor))
         # three separate tensors: op outputs may not share storage
         return y, torch.from_numpy(stat[0].copy()), torch.from_numpy(stat[2].copy()), \
             torch.from_numpy(stat[1].copy())

@@ -1188,16 +1188,18 @@ def nhwc_backward_apply(dy, x, r, has_res, M, C, P, mean, rstd, scale, shift, a,
 
 
 @njit(cache=True, nogil=True)
-def running_blend(rm, rv, mean, var, factor):
-    """:meth:`Backend.blend_running <batchnorm.kernels.base.Backend.blend_running>`: nothing
-    written unless every batch statistic is finite; the blend in float64 (no fastmath: the same
-    IEEE operations, in the same order, as ``stats.blend``), rounded once on the store."""
+def running_blend(rm, rv, mean, var, bessel, factor):
+    """:meth:`Backend.blend_running <batchnorm.kernels.base.Backend.blend_running>` of ``mean``
+    and ``var·bessel`` (a scalar of ``var``'s dtype: 1 for an unbiased ``var``, else the product
+    ``stats.unbiased_var`` computes, rounded to that dtype as torch rounds it): nothing written
+    unless every batch statistic is finite; the blend in float64 (no fastmath: the same IEEE
+    operations, in the same order, as ``stats.blend``), rounded once on the store."""
     C = mean.shape[0]
     for c in range(C):
-        if not (math.isfinite(mean[c]) and math.isfinite(var[c])):
+        if not (math.isfinite(mean[c]) and math.isfinite(var[c] * bessel)):
             return False
     keep = 1.0 - factor
     for c in range(C):
         rm[c] = factor * np.float64(mean[c]) + keep * np.float64(rm[c])
-        rv[c] = factor * np.float64(var[c]) + keep * np.float64(rv[c])
+        rv[c] = factor * np.float64(var[c] * bessel) + keep * np.float64(rv[c])
     return True
