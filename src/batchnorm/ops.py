@@ -279,20 +279,38 @@ class _EagerForwardCtx(torch.autograd.Function):
     """:class:`_EagerForward` in the ``forward(ctx, ...)`` style, used when no ``torch.func``
     transform is active: ``Function.apply`` binds a ``setup_context``-style forward's arguments
     through ``inspect.signature`` on every call (~12 µs, as much as a small kernel). Its last
-    input is the :class:`RunningUpdate` to fold in, or ``None``."""
+    input is the :class:`RunningUpdate` to fold in, or ``None``.
+
+    The per-call work is kept to what the math needs (a small layer's kernels take less time
+    than the autograd machinery around them): the backend chosen in the forward is kept for the
+    backward, and the three statistics outputs, which never receive a gradient, get no zero
+    tensors (``set_materialize_grads(False)``)."""
 
     @staticmethod
     def forward(ctx, *inputs):  # type: ignore[override]
         x, weight, bias, residual, rm, rv, training, eps, act, slope, running = inputs
-        out = run_forward(select(x), x, weight, bias, residual, rm, rv, training, eps, act,
-                          slope, running)
+        backend = select(x)
+        out = run_forward(backend, x, weight, bias, residual, rm, rv, training, eps, act, slope,
+                          running)
         _setup_forward(ctx, inputs[:-1], out)
+        ctx.backend = backend
+        ctx.set_materialize_grads(False)
         return out
 
     @staticmethod
-    def backward(ctx, grad_y, gmean, grstd, gvar):  # type: ignore[override]
-        grads = _backward_formula(ctx, grad_y, gmean, grstd, gvar, single_pass=_eager_backward)
-        return (*grads, None)
+    def backward(ctx, grad_y, *_stats):  # type: ignore[override]
+        if grad_y is None:  # nothing reached y (the statistics outputs carry no gradient)
+            return (None,) * 11
+        if torch.is_grad_enabled():  # create_graph=True: the differentiable recomputation
+            return (*_backward_formula(ctx, grad_y, None, None, None), None)
+        x, weight, bias, residual, mean, rstd = ctx.saved_tensors
+        need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
+        dx, dw, db, dr = ctx.backend.backward(
+            grad_y.contiguous(), x, weight, bias, residual, mean, rstd, ctx.training, ctx.act,
+            ctx.slope, need_dx, need_dw and weight is not None, need_db and bias is not None,
+            need_dr,
+        )
+        return dx, dw, db, dr, None, None, None, None, None, None, None
 
 
 def forward(

@@ -116,9 +116,13 @@ def nchw_chunks(c: int, ns: int, threads: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def nhwc_blocks(m: int, c: int, threads: int) -> int:
-    """Row blocks for channels-last input (a function of the shape and threads only)."""
+    """Row blocks for channels-last input (a function of the shape and threads only): blocks
+    of about :data:`_BLOCK_ELEMENTS` (at least :data:`_MIN_BLOCK_ROWS` rows), a multiple of the
+    thread count in number (``prange`` hands each thread an equal share of the blocks), and no
+    more than that: every block costs a few passes over C in bookkeeping (see
+    ``docs/decisions.md``)."""
     rows = max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // max(c, 1))
-    p = max(math.ceil(m / rows), min(_CHANNELS_PER_THREAD * threads, m // 16))
+    p = threads * math.ceil(math.ceil(m / rows) / threads)
     return max(1, min(p, m))
 
 
