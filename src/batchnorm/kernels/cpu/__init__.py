@@ -53,8 +53,10 @@ _BLOCK_ELEMENTS = 65536  # channels-last row block: 256 KB of float32, cache-res
 # At least this many rows per block: a block's C-sized bookkeeping (accumulators, flushes, its
 # partial's write) cost ~6 passes over C, 19% of the work of a 32-row block (C = 2048: 49 blocks
 # of 32 rows before). Measured with 2 threads, forward / backward: (1568, 2048) 834 → 723 /
-# 1393 → 1339 µs, (784, 4096) 1022 → 721 / 1485 → 1233 µs; C ≤ 512 is unchanged.
-_MIN_BLOCK_ROWS = 128
+# 1393 → 1339 µs, (784, 4096) 1022 → 721 / 1485 → 1233 µs with 128 rows; 256 rows (blocks
+# past the L2 size for C ≥ 1024, which the L3 then serves): (1568, 2048) 461 → 435 / 773 →
+# 742 µs, (6272, 1024) and (25088, 512) unchanged within 2% (docs/decisions.md).
+_MIN_BLOCK_ROWS = 256
 
 
 def _launch_quiet_pool() -> None:
@@ -300,8 +302,7 @@ class CpuBackend(Backend):
             K.nhwc_forward(args.x, _np(y), args.r, args.has_res, args.m, c, p, w, b,
                            weight is not None, bias is not None, dt.type(eps), args.code,
                            args.slope, stat, part[0], part[1], part[2])
-        if running is not None and all(a.dtype in _NP_DTYPES for a in (running.mean,
-                                                                          running.var)):
+        if running is not None and running.mean.dtype == dt and running.var.dtype == dt:
             # the update in the same call's wake: mean and var·bessel straight from the stat
             running.ok = bool(K.running_blend(running.mean, running.var, stat[0], stat[1],
                                               dt.type(running.bessel), running.factor))
