@@ -21,7 +21,6 @@ The backward is once-differentiable (no double backward through the collective).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -80,8 +79,10 @@ def sync_batch_norm(
     try:
         if extra_check is not None:
             extra_check()
-        _check(input, running_mean, running_var, weight, bias, momentum, eps, residual,
-               num_batches_tracked)
+        # one value per channel is allowed locally: the rule is the global count's, checked
+        # after the header exchange
+        check_arguments(input, running_mean, running_var, weight, bias, True, momentum, eps,
+                        residual, num_batches_tracked, local_count=False)
     except (TypeError, ValueError, RuntimeError) as error:
         local_error = error
     headers = _exchange_headers(input, local_error is not None, group)
@@ -112,22 +113,6 @@ def sync_batch_norm(
             num_batches_skipped=num_batches_skipped, layer_name=layer_name,
         )
     return restore(y)
-
-
-def _check(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
-           weight: Tensor | None, bias: Tensor | None, momentum: float | None, eps: float,
-           residual: Tensor | None, num_batches_tracked: Tensor | None) -> None:
-    """The functional checks, in training mode, except that one value per channel is allowed
-    locally: the "more than one value" rule applies to the global batch (checked after the
-    header exchange). A one-sample input is checked as a zero-copy two-sample view of itself.
-    """
-    if isinstance(input, Tensor) and input.dim() >= 2 and input.shape[0] == 1 \
-            and math.prod(input.shape[2:]) == 1:
-        input = input.expand(2, *input.shape[1:])
-        if isinstance(residual, Tensor) and residual.dim() >= 1 and residual.shape[0] == 1:
-            residual = residual.expand(2, *residual.shape[1:])
-    check_arguments(input, running_mean, running_var, weight, bias, True, momentum, eps,
-                    residual, num_batches_tracked)
 
 
 def _exchange_headers(input: object, failed: bool, group: Any) -> Tensor:

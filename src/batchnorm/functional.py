@@ -262,7 +262,15 @@ def check_arguments(
     eps: float,
     residual: Tensor | None,
     num_batches_tracked: Tensor | None = None,
+    *,
+    local_count: bool = True,
 ) -> None:
+    """Every argument check of :func:`batch_norm_impl`, before any state changes.
+
+    ``local_count=False`` leaves out the training rule "more than one value per channel", for a
+    caller whose statistics span more than this input (SyncBatchNorm checks the global count
+    once the ranks have exchanged theirs).
+    """
     x = check_input(input)
     check_eps(eps, bool(training))
     if momentum is None:
@@ -275,7 +283,7 @@ def check_arguments(
     if training:
         size = x.shape
         per_channel = size[0] * math.prod(size[2:])
-        if per_channel == 1:
+        if per_channel == 1 and local_count:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {size}"
             )
