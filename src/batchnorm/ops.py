@@ -10,6 +10,8 @@ backend chosen by :func:`batchnorm.kernels.select` for the (canonical) input.
   differentiable PyTorch ops and differentiates that, so every higher derivative is exact.
 - ``batchnorm::update_running_stats`` — mutates the running statistics in place, skipping (and
   counting) a batch whose statistics are not finite, with no host synchronization.
+  Eager CPU training folds the same update into the forward's backend call instead
+  (:func:`running_update`, :func:`finish_running_update`); every other path runs this op.
 
 Custom ops may not return ``None``: gradients that were not asked for come back as empty
 tensors and are turned into ``None`` here.
