@@ -239,7 +239,7 @@ def check_channel_tensor(name: str, t: object, input: Tensor) -> None:
             f"{name} should contain {c} elements not {t.numel()}: expected shape ({c},) for "
             f"input with {c} channels ({describe(input)}), got shape {tuple(t.shape)}"
         )
-    if t.device != input.device:
+    if not (t.is_cpu and input.is_cpu) and t.device != input.device:  # is_cpu: no device object
         raise BatchNormValueError(
             f"{name}: expected a tensor on device {input.device} like input, got device {t.device}"
         )
@@ -310,7 +310,7 @@ def check_arguments(
                 f"residual: expected the shape of input {tuple(x.shape)}, got "
                 f"{tuple(residual.shape)}"
             )
-        if residual.device != x.device:
+        if not (residual.is_cpu and x.is_cpu) and residual.device != x.device:
             raise BatchNormValueError(
                 f"residual: expected a tensor on device {x.device} like input, got device "
                 f"{residual.device}"

@@ -458,7 +458,7 @@ def running_update(
     the backend's call (eager CPU; ``count`` elements per channel), or ``None`` where it must run
     on its own: under tracing, off the CPU, for an empty batch, for dtypes NumPy lacks
     (bfloat16) and for inference tensors (torch's error)."""
-    if count <= 0 or running_mean.device.type != "cpu" or torch.compiler.is_compiling() \
+    if count <= 0 or not running_mean.is_cpu or torch.compiler.is_compiling() \
             or running_mean.dtype not in _NUMPY_FLOATS or running_var.dtype not in _NUMPY_FLOATS \
             or running_mean.is_inference() or running_var.is_inference():
         return None

@@ -221,7 +221,7 @@ class CpuBackend(Backend):
     name = "cpu"
 
     def supports(self, x: Tensor) -> bool:
-        return x.device.type == "cpu" and x.dtype in _DTYPES and x.dim() in (2, 3)
+        return x.is_cpu and x.dtype in _DTYPES and x.dim() in (2, 3)
 
     # -- primitives (the distributed path) ---------------------------------------------------
     def stats(self, x: Tensor) -> S.Partials:
