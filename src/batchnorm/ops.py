@@ -303,16 +303,9 @@ class _EagerForwardCtx(torch.autograd.Function):
     def backward(ctx, grad_y, *_stats):  # type: ignore[override]
         if grad_y is None:  # nothing reached y (the statistics outputs carry no gradient)
             return (None,) * 11
-        if torch.is_grad_enabled():  # create_graph=True: the differentiable recomputation
-            return (*_backward_formula(ctx, grad_y, None, None, None), None)
-        x, weight, bias, residual, mean, rstd = ctx.saved_tensors
-        need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
-        dx, dw, db, dr = ctx.backend.backward(
-            grad_y.contiguous(), x, weight, bias, residual, mean, rstd, ctx.training, ctx.act,
-            ctx.slope, need_dx, need_dw and weight is not None, need_db and bias is not None,
-            need_dr,
-        )
-        return dx, dw, db, dr, None, None, None, None, None, None, None
+        grads = _backward_formula(ctx, grad_y, None, None, None,
+                                  single_pass=ctx.backend.backward)
+        return (*grads, None)
 
 
 def forward(

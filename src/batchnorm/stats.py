@@ -144,7 +144,12 @@ def unbiased_var(var: Tensor, count: int | float | Tensor) -> Tensor:
     """Bessel-corrected variance from the biased one (what PyTorch keeps as running_var)."""
     if isinstance(count, Tensor):
         return var * (count / (count - 1).clamp(min=1))
-    return var * (count / max(count - 1, 1))
+    return var * bessel(count)
+
+
+def bessel(count: int | float) -> float:
+    """Bessel's factor ``n / (n - 1)`` for ``count`` values (1 and fewer: ``count`` itself)."""
+    return count / max(count - 1, 1)
 
 
 def scale_of(rstd: Tensor, weight: Tensor | None) -> Tensor:

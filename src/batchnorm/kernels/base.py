@@ -41,7 +41,7 @@ class RunningUpdate:
 
     ``mean``/``var`` are NumPy views of the running buffers, ``factor`` the blend factor and
     ``bessel`` the factor that turns the batch's biased variance into the unbiased one
-    (:func:`batchnorm.stats.unbiased_var`). A backend that folds the update blends by the rule
+    (:func:`batchnorm.stats.bessel`). A backend that folds the update blends by the rule
     of :meth:`Backend.blend_running` and sets ``ok``: whether the batch was finite (and so
     written). ``ok`` stays ``None`` where nothing was folded; the caller then runs the update on
     its own.
@@ -51,7 +51,7 @@ class RunningUpdate:
 
     def __init__(self, mean: np.ndarray, var: np.ndarray, factor: float, count: int) -> None:
         self.mean, self.var, self.factor = mean, var, factor
-        self.bessel = count / max(count - 1, 1)  # as stats.unbiased_var
+        self.bessel = S.bessel(count)
         self.ok: bool | None = None
 
 
