@@ -288,6 +288,29 @@ def test_thread_count_follows_torch():
     assert numba.get_num_threads() == 1  # small tensors run on one thread
 
 
+def test_channels_last_serial_threshold():
+    """Channels-last calls (two parallel regions) stay on one thread up to a larger size than
+    channels-first ones; both sides of the threshold agree with the reference."""
+    import numba
+
+    from batchnorm.kernels.cpu import SERIAL_ELEMENTS, SERIAL_ELEMENTS_LAST
+
+    assert SERIAL_ELEMENTS_LAST > SERIAL_ELEMENTS
+    c = 64
+    threaded = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
+    for m, want in ((SERIAL_ELEMENTS_LAST // c - 1, 1), (SERIAL_ELEMENTS_LAST // c, threaded)):
+        x = torch.randn(m, c)
+        ours = CPU.forward_train(x, None, None, None, 1e-5, "relu", 0.0)
+        assert numba.get_num_threads() == want
+        exp = REF.forward_train(x, None, None, None, 1e-5, "relu", 0.0)
+        for o, e in zip(ours, exp, strict=True):
+            _close(o, e, torch.float32, scale=4)
+    # channels-first of the same size runs threaded
+    CPU.forward_train(torch.randn(4, c, SERIAL_ELEMENTS_LAST // (4 * c) - 1), None, None, None,
+                      1e-5, "none", 0.0)
+    assert numba.get_num_threads() == threaded
+
+
 def test_large_mean_accuracy_no_worse_than_pytorch():
     """|mean|/std = 1e4 in float32: output error vs a float64 oracle within PyTorch's own."""
     g = torch.Generator().manual_seed(1)

@@ -17,9 +17,10 @@ bitwise reproducible.
 
 Every backend call is one Numba dispatch (statistics, merge and output in one kernel, with one
 parallel region per pass that must wait for the previous one); tensors under
-:data:`SERIAL_ELEMENTS` run on one thread. Default selection keeps the base ``prefers`` (always):
-against the backend that would otherwise run (the reference backend) this one was measured faster
-on every shape tried, small ones included (see ``docs/decisions.md``).
+:data:`SERIAL_ELEMENTS` (channels-last: :data:`SERIAL_ELEMENTS_LAST`) run on one thread.
+Default selection keeps the base ``prefers`` (always): against the backend that would otherwise
+run (the reference backend) this one was measured faster on every shape tried, small ones
+included (see ``docs/decisions.md``).
 
 Supported: CPU float32 and float64 tensors. float16/bfloat16 are left to the reference backend
 (``supports`` returns ``False``), which upcasts to float32: correct, not fast.
@@ -86,16 +87,17 @@ def _launch_quiet_pool() -> None:
 _launch_quiet_pool()
 
 
-def _threads(numel: int) -> int:
+def _threads(numel: int, serial_below: int) -> int:
     """Threads for a call on ``numel`` elements: PyTorch's count (Numba's is set to agree;
-    oversubscription is slow), or 1 below :data:`SERIAL_ELEMENTS`, where forking and joining
-    the pool costs more than the second core saves. Determined by the shape and
+    oversubscription is slow), or 1 below ``serial_below`` elements (:data:`SERIAL_ELEMENTS`
+    channels-first, :data:`SERIAL_ELEMENTS_LAST` channels-last), where forking and joining the
+    pool costs more than the second core saves. Determined by the shape and
     ``torch.get_num_threads()`` alone, as are the work split and therefore the results.
 
     Numba's count is per Python thread; the last count this module set is remembered per
     thread, so ``numba.set_num_threads`` (0.6 µs with its checks) runs only on a change."""
     t = torch.get_num_threads()
-    t = 1 if numel < SERIAL_ELEMENTS or t <= 1 else min(t, _MAX_THREADS)
+    t = 1 if numel < serial_below or t <= 1 else min(t, _MAX_THREADS)
     if getattr(_TLS, "threads", 0) != t:
         numba.set_num_threads(t)
         _TLS.threads = t
@@ -105,7 +107,13 @@ def _threads(numel: int) -> int:
 _TLS = threading.local()
 _MAX_THREADS = max(1, int(getattr(numba.config, "NUMBA_NUM_THREADS", 1)))
 # Below this many elements a call runs on one thread (see _threads and docs/decisions.md).
+# Channels-first with one channel per item is one parallel region per call; channels-last is
+# two (block partials, then the output or dx), so the fork/joins outweigh the second core up to
+# larger tensors: kernels on one / two threads, µs, forward and backward, (60, 100) 8.4 / 11.9
+# and 8.0 / 14.3; (128, 256) 14.7 / 17.4 and 16.3 / 20.2; (128, 512) 22.1 / 24.3 and
+# 26.9 / 26.4; (256, 512) 36.1 / 32.3 and 47.6 / 37.3.
 SERIAL_ELEMENTS = 1 << 12
+SERIAL_ELEMENTS_LAST = 1 << 16
 
 
 @functools.lru_cache(maxsize=256)
@@ -158,9 +166,9 @@ class _Args:
         self.slope = dt.type(slope)
         shape = x.shape
         self.c = c = shape[1]
-        self.threads = t = _threads(xf.size)
-        self.first = len(shape) == 3
-        if self.first:
+        self.first = first = len(shape) == 3
+        self.threads = t = _threads(xf.size, SERIAL_ELEMENTS if first else SERIAL_ELEMENTS_LAST)
+        if first:
             self.n, self.s = n, s = shape[0], shape[2]
             self.p = nchw_chunks(c, n * s, t)
         else:
