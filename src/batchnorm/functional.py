@@ -341,7 +341,7 @@ def canonicalize(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor], Layout]
     s = math.prod(spatial)
     if x.dim() == 2 or (s == 1 and x.is_contiguous()):
         return x.contiguous().view(n, c), lambda y: y.view(shape), ("nc", shape)
-    if not x.is_contiguous():
+    if not x.is_contiguous() or (x.numel() == 0 and _empty_channels_last(x)):
         perm = (0, *range(2, x.dim()), 1)
         xp = x.permute(perm)
         if xp.is_contiguous():
@@ -358,6 +358,14 @@ def canonicalize(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor], Layout]
 
 def _identity(y: Tensor) -> Tensor:
     return y
+
+
+def _empty_channels_last(x: Tensor) -> bool:
+    """An empty 4-D/5-D tensor with channels-last strides: every empty tensor counts as
+    contiguous, so only its strides say which format the output should keep (as PyTorch's)."""
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def to_layout(t: Tensor, layout: Layout) -> Tensor:

@@ -328,7 +328,21 @@ def forward(
         return forward_op(*args)  # type: ignore[no-any-return]
     if _forward_ad.__dict__.get("_current_level", -1) >= 0:
         # Forward-mode AD (dual tensors): plain differentiable ops carry the tangents; the
-        # statistics for the running update still come from the backend.
+        # statistics for the running update still come from the backend. Running statistics
+        # are not differentiable, as in PyTorch: their tangents are an error next to a tangent
+        # of a differentiable input, and are dropped otherwise.
+        if any(t is not None and _forward_ad.unpack_dual(t).tangent is not None
+               for t in (running_mean, running_var)):
+            if any(t is not None and _forward_ad.unpack_dual(t).tangent is not None
+                   for t in (x, weight, bias, residual)):
+                raise RuntimeError(
+                    "batch_norm is not differentiable wrt running_mean and running_var: they "
+                    "carry forward-mode tangents (pass their primal values)")
+            running_mean, running_var = (
+                None if t is None else _forward_ad.unpack_dual(t).primal
+                for t in (running_mean, running_var))
+            args = (x, weight, bias, residual, running_mean, running_var, training, eps, act,
+                    slope)
         with torch.no_grad():
             _y, mean, rstd, var = _forward_impl(*args)
         y = _composite_forward(x, weight, bias, residual, mean, rstd, training, eps, act, slope)

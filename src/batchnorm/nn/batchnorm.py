@@ -59,7 +59,8 @@ class _BatchNormBase(_BatchNorm):
     ) -> None:
         check_constructor(num_features, eps, momentum)
         act = parse_activation(activation)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         device=device, dtype=dtype)
         if affine and not bias:
             self.register_parameter("bias", None)
         self.activation: ActivationSpec = spec_of(*act)
@@ -80,6 +81,17 @@ class _BatchNormBase(_BatchNorm):
         skipped = getattr(self, "num_batches_skipped", None)
         if skipped is not None:
             skipped.zero_()
+            self._reported_skips = 0
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        # num_batches_skipped is not saved (non-persistent): after load_state_dict(assign=True)
+        # into a module built on the meta device it would be the only tensor left there
+        skipped, anchor = getattr(self, "num_batches_skipped", None), self.running_mean
+        if skipped is not None and anchor is not None and skipped.device != anchor.device:
+            self.num_batches_skipped = torch.zeros((), dtype=torch.long, device=anchor.device)
             self._reported_skips = 0
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -103,7 +115,21 @@ class _BatchNormBase(_BatchNorm):
     def _name(self) -> str:
         return self.layer_name or f"{type(self).__name__}({self.num_features})"
 
+    def _fx_leaf(self, input: Any, residual: Any) -> Any:
+        """Under ``torch.fx.symbolic_trace``, record this layer as one ``call_module`` node, as
+        the tracer does for PyTorch's own layers (it treats only classes under ``torch.nn`` as
+        leaves and would trace into this forward, baking in the train/eval branch); ``None``
+        otherwise."""
+        if not isinstance(input, torch.fx.Proxy) or not isinstance(input.tracer, torch.fx.Tracer):
+            return None
+        tracer = input.tracer
+        args = (input,) if residual is None else (input, residual)
+        return tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
+
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        traced = self._fx_leaf(input, residual)
+        if traced is not None:
+            return traced  # type: ignore[no-any-return]
         self._check_input_dim(input)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = self.training and self.track_running_stats

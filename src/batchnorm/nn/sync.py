@@ -5,6 +5,10 @@ skip counter, ``repr``) whose training forward goes through
 :func:`batchnorm.distributed.sync_batch_norm`. Outside training, with a world size of 1 or when
 ``torch.distributed`` is not initialized, the forward is exactly ``batchnorm.BatchNorm*d``'s.
 
+It is deliberately not a subclass of ``torch.nn.SyncBatchNorm``: ``DistributedDataParallel``
+refuses those in CPU modules ("SyncBatchNorm layers only work with GPU modules"), and this one
+runs on the CPU (Gloo). ``SyncBatchNorm.convert_sync_batchnorm`` is there, as in PyTorch.
+
 Importing this module also teaches :func:`batchnorm.convert_model` about SyncBatchNorm layers:
 ``target="torch"`` turns ours into ``torch.nn.SyncBatchNorm`` and ``target="batchnorm"`` turns
 ``torch.nn.SyncBatchNorm`` into ours.
@@ -100,7 +104,16 @@ class SyncBatchNorm(_BatchNormBase):
                 f"{describe(input)}"
             )
 
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group: Any = None) -> nn.Module:
+        """:func:`convert_sync_batchnorm` (to this class), where
+        ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` is called."""
+        return convert_sync_batchnorm(module, process_group)
+
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        traced = self._fx_leaf(input, residual)
+        if traced is not None:
+            return traced  # type: ignore[no-any-return]
         if not (self.training and is_distributed(self.process_group)):
             return super().forward(input, residual)
         track = self.track_running_stats
