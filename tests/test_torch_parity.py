@@ -8,8 +8,10 @@ common_modules.py``), ``test/nn/test_load_state_dict.py`` and ``test/test_statel
 Only the CPU-relevant assertions are kept. Where PyTorch's test compares against a reference,
 the reference here is PyTorch's own module on identical inputs and state.
 
-A behaviour batchnorm does not match is kept as a strict xfail whose reason starts with
-``parity:``, so the suite stays green and the day it is fixed the xfail turns red.
+Where batchnorm differs on purpose (a negative ``eps`` refused in the constructor, the extra
+non-persistent ``num_batches_skipped`` buffer, ``SyncBatchNorm`` not subclassing PyTorch's, a
+clear error from ``torch.jit.script``/``torch.jit.trace``), the test asserts batchnorm's
+behaviour and its docstring says why.
 """
 
 from __future__ import annotations
@@ -1084,28 +1086,79 @@ def test_functional_call_batch_norm(bk):
     torch.testing.assert_close(module.running_mean, torch.full((10,), 12.8))
 
 
-@pytest.mark.xfail(strict=True, reason="parity: torch.func.vmap over the module fails "
-                   "('You tried to vmap over _EagerForward, but it does not have vmap support'); "
-                   "PyTorch's BatchNorm vmaps (eval, and training without running stats)")
 def test_vmap_over_module():
+    """torch.func.vmap over the module (eval, and training without running statistics), over
+    stacked parameters (model ensembling) and over per-sample gradients, against PyTorch's."""
+    from torch.func import functional_call, grad, vmap
+
+    for cls, shape in ((nn.BatchNorm1d, (5, 4, 3)), (nn.BatchNorm2d, (5, 4, 3, 2, 2))):
+        x = torch.randn(shape)
+        for kw, training in (({}, False), ({"track_running_stats": False}, True)):
+            ours, theirs = _twins(cls, 3, **kw)
+            ours.train(training)
+            theirs.train(training)
+            torch.testing.assert_close(vmap(ours)(x), vmap(theirs)(x))
+            moved = x.movedim(0, 1).contiguous()
+            torch.testing.assert_close(vmap(ours, in_dims=1)(moved),
+                                       vmap(theirs, in_dims=1)(moved))
+
+            def call(p, xx, m):
+                return functional_call(m, p, (xx,))
+
+            def loss(p, xx, m):
+                return call(p, xx, m).pow(2).sum()
+
+            got, want = (vmap(call, in_dims=(0, None, None))(
+                {k: torch.stack([v, 2 * v]) for k, v in m.named_parameters()}, x[0], m)
+                for m in (ours, theirs))
+            torch.testing.assert_close(got, want)
+            got, want = (vmap(grad(loss), in_dims=(None, 0, None))(
+                dict(m.named_parameters()), x, m) for m in (ours, theirs))
+            torch.testing.assert_close(got, want)
+
+
+def test_vmap_training_with_running_stats():
+    """Training under vmap updates running statistics only when they are mapped too (each
+    slice its own, a non-finite slice skipped alone); unmapped ones are a RuntimeError, as in
+    PyTorch, and nothing changes."""
     from torch.func import vmap
 
     x = torch.randn(5, 4, 3)
-    for kw, training in (({}, False), ({"track_running_stats": False}, True)):
-        ours, theirs = _twins(nn.BatchNorm1d, 3, **kw)
-        ours.train(training)
-        theirs.train(training)
-        torch.testing.assert_close(vmap(ours)(x), vmap(theirs)(x))
+    m = batchnorm.BatchNorm1d(3)
+    with pytest.raises(RuntimeError, match="vmap maps the input but not running_mean"):
+        vmap(m)(x)
+    assert int(m.num_batches_tracked) == 0 and torch.equal(m.running_mean, torch.zeros(3))
+    x[2, 0, 0] = float("nan")
+    finite = torch.ones(5, dtype=torch.bool)
+    finite[2] = False
+    state = {}
+    for lib, fn in (("torch", F.batch_norm), ("ours", BF.batch_norm)):
+        rm, rv = torch.zeros(5, 3), torch.ones(5, 3)
+        vmap(lambda xx, a, b, fn=fn: fn(xx, a, b, training=True))(x, rm, rv)
+        state[lib] = rm, rv
+    for a, b in zip(state["ours"], state["torch"], strict=True):
+        torch.testing.assert_close(a[finite], b[finite])
+    assert torch.equal(state["ours"][0][2], torch.zeros(3))  # the NaN slice kept its state
+    assert torch.equal(state["ours"][1][2], torch.ones(3))
 
 
-@pytest.mark.xfail(strict=True, reason="parity: torch.jit.script fails on the module "
-                   "(_name: 'Could not cast value of type NoneType to bool'); PyTorch's "
-                   "BatchNorm scripts")
-def test_jit_script():
-    ours, theirs = _twins(nn.BatchNorm2d, 3)
-    scripted = torch.jit.script(ours)
+def test_torchscript_is_refused_clearly_and_the_converted_copy_scripts():
+    """PyTorch's BatchNorm scripts and traces; ours cannot (its forward runs Numba/Triton
+    kernels outside TorchScript; a trace would keep their outputs as constants). Both entry
+    points raise a TypeError saying what to use instead, and the route it names works: a
+    deep copy converted to PyTorch's layers scripts and gives the same eval output."""
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), batchnorm.BatchNorm2d(3, activation="relu"))
+    _randomize(model[1])
+    model.eval()
     x = torch.randn(4, 3, 2, 2)
-    torch.testing.assert_close(scripted(x), theirs(x))
+    with pytest.raises(TypeError, match="torch.jit.script cannot compile.*convert_model"):
+        torch.jit.script(model)
+    with pytest.raises(TypeError, match="torch.jit.trace cannot record.*convert_model"):
+        torch.jit.trace(model, x)
+    assert type(model[1]) is batchnorm.BatchNorm2d  # nothing was swapped in the user's model
+    scripted = torch.jit.script(
+        batchnorm.convert_model(copy.deepcopy(model), target="torch", unfuse_activations=True))
+    torch.testing.assert_close(scripted(x), model(x))
 
 
 def test_fx_symbolic_trace():

@@ -99,9 +99,22 @@ def batch_norm_impl(
     act, slope = parse_activation(activation)
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps,
                     residual, num_batches_tracked)
+    if torch.jit.is_tracing():
+        raise TypeError(
+            "torch.jit.trace cannot record batchnorm's layers: their kernels run outside "
+            "TorchScript (the trace would keep their outputs as constants). Use "
+            "torch.export.export (or batchnorm.export_program / batchnorm.export_onnx), or trace "
+            "a copy with PyTorch's layers: batchnorm.convert_model(copy.deepcopy(model), "
+            "target='torch', unfuse_activations=True)")
+    update = training and running_mean is not None and running_var is not None
+    if update and torch._C._are_functorch_transforms_active() and _vmapped(input) \
+            and not _vmapped(running_mean):
+        raise RuntimeError(
+            "batch_norm: torch.func.vmap maps the input but not running_mean/running_var, "
+            "which training updates in place; use track_running_stats=False, eval mode, or "
+            "map the running statistics too")
     x, restore, layout = canonicalize(input)
     r = None if residual is None else to_layout(residual, layout)
-    update = training and running_mean is not None and running_var is not None
     running = None
     count = x.numel() // x.shape[1] if x.shape[1] else 0
     if update:
@@ -128,6 +141,17 @@ def batch_norm_impl(
         elif not ok:
             _warn_skipped(layer_name, num_batches_skipped)
     return restore(y)
+
+
+def _vmapped(t: object) -> bool:
+    """Whether ``t`` is mapped by an enclosing ``torch.func.vmap`` (at any transform level)."""
+    from torch._C import _functorch
+
+    while isinstance(t, Tensor) and _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            return True
+        t = _functorch.get_unwrapped(t)
+    return False
 
 
 def update_running_statistics(
@@ -158,7 +182,8 @@ def update_running_statistics(
         running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var_unbiased,
         0.0 if momentum is None else float(momentum), momentum is None,
     )
-    if running_mean.device.type == "cpu" and not torch.compiler.is_compiling() and not ok:
+    if running_mean.device.type == "cpu" and not torch.compiler.is_compiling() \
+            and not torch._C._are_functorch_transforms_active() and not ok:
         _warn_skipped(layer_name, num_batches_skipped)
 
 

@@ -276,6 +276,33 @@ class _EagerForward(torch.autograd.Function):
     def backward(ctx, grad_y, gmean, grstd, gvar):  # type: ignore[override]
         return _backward_formula(ctx, grad_y, gmean, grstd, gvar, single_pass=_eager_backward)
 
+    @staticmethod
+    def vmap(info, in_dims, *inputs):  # type: ignore[no-untyped-def]
+        """``torch.func.vmap``: each of the ``B`` mapped calls normalizes its own channels, so
+        the ``B`` calls are one call on ``B·C`` channels. ``x``/``residual`` ``(B, N, C, *S)``
+        become ``(N, B·C, *S)``; per-channel tensors ``(B, C)`` (or an unmapped ``(C,)``,
+        repeated) become ``(B·C,)``; the outputs are split back along a leading ``B``."""
+        x, weight, bias, residual, rm, rv, training, eps, act, slope = inputs
+        dx, dw, db, dr, dm, dv = in_dims[:6]
+        b = info.batch_size
+
+        def stacked(t: Tensor, d: int | None) -> Tensor:  # (B, N, C, *S) -> (N, B*C, *S)
+            t = t.movedim(d, 0) if d is not None else t.expand(b, *t.shape)
+            return t.movedim(0, 1).reshape(t.shape[1], b * t.shape[2], *t.shape[3:])
+
+        def channels(t: Tensor | None, d: int | None) -> Tensor | None:  # -> (B*C,)
+            if t is None:
+                return None
+            return t.movedim(d, 0).reshape(-1) if d is not None else t.repeat(b)
+
+        y, mean, rstd, var = _EagerForward.apply(
+            stacked(x, dx), channels(weight, dw), channels(bias, db),
+            None if residual is None else stacked(residual, dr), channels(rm, dm),
+            channels(rv, dv), training, eps, act, slope)
+        c = mean.shape[0] // b
+        y = y.reshape(y.shape[0], b, c, *y.shape[2:]).movedim(1, 0)
+        return (y, mean.view(b, c), rstd.view(b, c), var.view(b, c)), (0, 0, 0, 0)
+
 
 class _EagerForwardCtx(torch.autograd.Function):
     """:class:`_EagerForward` in the ``forward(ctx, ...)`` style, used when no ``torch.func``
@@ -347,11 +374,11 @@ def forward(
             _y, mean, rstd, var = _forward_impl(*args)
         y = _composite_forward(x, weight, bias, residual, mean, rstd, training, eps, act, slope)
         return y, mean, rstd, var
+    if torch._C._are_functorch_transforms_active():  # torch.func: vmap, grad, jvp...
+        return _EagerForward.apply(*args)  # type: ignore[no-any-return]
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, weight, bias, residual)):
         return run_forward(select(x), *args, running)  # nothing to differentiate: no node
-    if torch._C._are_functorch_transforms_active():
-        return _EagerForward.apply(*args)  # type: ignore[no-any-return]
     return _EagerForwardCtx.apply(*args, running)  # type: ignore[no-any-return]
 
 
@@ -405,7 +432,8 @@ def update_running_stats(
     if torch.compiler.is_compiling():
         return update_running_stats_op(*args)  # type: ignore[no-any-return]
     if running_mean.device.type == "cpu" and running_mean.dtype in _NUMPY_FLOATS \
-            and running_var.dtype in _NUMPY_FLOATS and mean.dtype in _NUMPY_FLOATS:
+            and running_var.dtype in _NUMPY_FLOATS and mean.dtype in _NUMPY_FLOATS \
+            and not torch._C._are_functorch_transforms_active():
         return _update_cpu(*args)  # NumPy views: no autograd involved
     with torch.no_grad():
         return _update_impl(*args)
@@ -467,7 +495,8 @@ def running_update(
     (bfloat16) and for inference tensors (torch's error)."""
     if count <= 0 or not running_mean.is_cpu or torch.compiler.is_compiling() \
             or running_mean.dtype not in _NUMPY_FLOATS or running_var.dtype not in _NUMPY_FLOATS \
-            or running_mean.is_inference() or running_var.is_inference():
+            or running_mean.is_inference() or running_var.is_inference() \
+            or torch._C._are_functorch_transforms_active():
         return None
     return RunningUpdate(_numpy(running_mean), _numpy(running_var),
                          _factor(momentum, cumulative, num_batches_tracked), count)

@@ -150,6 +150,18 @@ class _BatchNormBase(_BatchNorm):
             layer_name=self._name(),
         )
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        """Called by ``torch.jit.script`` before it compiles a model: our forward is Python
+        calling Numba or Triton, which TorchScript cannot compile, so this says so and what
+        to do instead (rather than a TorchScript error about an inner helper)."""
+        raise TypeError(
+            f"torch.jit.script cannot compile {type(self).__module__}.{type(self).__name__}: "
+            "its forward runs Python kernels. Use torch.export.export (or "
+            "batchnorm.export_program / batchnorm.export_onnx), torch.compile, or script a copy "
+            "with PyTorch's layers: batchnorm.convert_model(copy.deepcopy(model), "
+            "target='torch', unfuse_activations=True)"
+        )
+
     @property
     def skipped_updates(self) -> int:
         """Batches whose non-finite statistics were kept out of the running statistics.
