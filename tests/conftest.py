@@ -1,9 +1,10 @@
 """Test configuration: seeding, and the one switch that runs tests on every backend.
 
 A test that takes the ``backend`` fixture runs once per available backend (reference, cpu,
-triton), with ``BATCHNORM_BACKEND`` set for its duration. ``BATCHNORM_BACKEND=cpu pytest`` (or
-``pytest --backend cpu``) restricts the whole suite to one backend. Triton kernels run on CPU
-tensors through Triton's interpreter when no GPU is present.
+triton), with ``BATCHNORM_BACKEND`` set for its duration; one that takes ``cpu_backend`` runs on
+the CPU backends only (reference, cpu), for work too long for Triton's interpreter.
+``BATCHNORM_BACKEND=cpu pytest`` (or ``pytest --backend cpu``) restricts the whole suite to one
+backend. Triton kernels run on CPU tensors through Triton's interpreter when no GPU is present.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ if not torch.cuda.is_available():
 from batchnorm import kernels  # noqa: E402
 
 ALL_BACKENDS = ("reference", "cpu", "triton")
+CPU_BACKENDS = ("reference", "cpu")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -38,16 +40,29 @@ def _chosen(config: pytest.Config) -> list[str]:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
         metafunc.parametrize("backend", _chosen(metafunc.config), indirect=True)
+    if "cpu_backend" in metafunc.fixturenames:
+        metafunc.parametrize("cpu_backend", [b for b in _chosen(metafunc.config)
+                                             if b in CPU_BACKENDS], indirect=True)
 
 
-@pytest.fixture
-def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The backend a test runs on; forced through the environment variable."""
+def _force(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     name: str = request.param
     if kernels.get_backend(name) is None:
         pytest.skip(f"backend {name!r} is not importable here")
     monkeypatch.setenv(kernels.ENV_VAR, name)
     return name
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The backend a test runs on; forced through the environment variable."""
+    return _force(request, monkeypatch)
+
+
+@pytest.fixture
+def cpu_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A CPU backend (reference or cpu) a test runs on, forced like ``backend``."""
+    return _force(request, monkeypatch)
 
 
 @pytest.fixture(autouse=True)

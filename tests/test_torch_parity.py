@@ -31,23 +31,9 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import batchnorm
 import batchnorm.functional as BF
-from batchnorm import kernels
 
 # --------------------------------------------------------------------------------------------
 # Backends and pairs
-
-PARITY_BACKENDS = ("cpu", "reference")
-
-
-@pytest.fixture(params=PARITY_BACKENDS)
-def bk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Force one of the two CPU backends (Numba ``cpu``, ``reference``) for a test."""
-    name: str = request.param
-    if kernels.get_backend(name) is None:
-        pytest.skip(f"backend {name!r} is not importable here")
-    monkeypatch.setenv(kernels.ENV_VAR, name)
-    return name
-
 
 OURS = {
     nn.BatchNorm1d: batchnorm.BatchNorm1d,
@@ -128,7 +114,7 @@ def _make_input(shape, dtype=torch.float32, requires_grad=False):
 @pytest.mark.parametrize("torch_cls,args,kwargs,shape,desc", MODULE_INPUTS, ids=MI_IDS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_modules_forward_matches_torch(bk, torch_cls, args, kwargs, shape, desc, training,
+def test_modules_forward_matches_torch(cpu_backend, torch_cls, args, kwargs, shape, desc, training,
                                        dtype):
     """test_modules.py::test_forward, with PyTorch's module as the reference: outputs, input
     and parameter gradients and every state_dict entry, over two steps; then the
@@ -246,7 +232,8 @@ def _make_non_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("torch_cls,args,kwargs,shape,desc", MODULE_INPUTS, ids=MI_IDS)
 @pytest.mark.parametrize("training", [True, False])
-def test_modules_non_contiguous_tensors(bk, torch_cls, args, kwargs, shape, desc, training):
+def test_modules_non_contiguous_tensors(cpu_backend, torch_cls, args, kwargs, shape, desc,
+                                        training):
     """test_modules.py::test_non_contiguous_tensors: contiguous and non-contiguous inputs and
     output gradients (all four combinations) give the same output and gradients."""
     m = OURS[torch_cls](*args, **kwargs)
@@ -305,7 +292,7 @@ def test_modules_grad(torch_cls, args, kwargs, shape, desc, training):
 @pytest.mark.parametrize("torch_cls,args,kwargs,shape,desc", GRAD_INPUTS,
                          ids=[c[-1] for c in GRAD_INPUTS])
 @pytest.mark.parametrize("training", [True, False])
-def test_modules_grad_per_backend(bk, torch_cls, args, kwargs, shape, desc, training):
+def test_modules_grad_per_backend(cpu_backend, torch_cls, args, kwargs, shape, desc, training):
     """test_modules.py::test_grad on each forced CPU backend (the smaller inputs)."""
     _gradients_helper(torch_cls, args, kwargs, shape, training, gradcheck)
 
@@ -339,7 +326,7 @@ def _check_out_mem_format(t: torch.Tensor, input_mem_format) -> None:
 
 @pytest.mark.parametrize("torch_cls,args,kwargs,shape,desc", MODULE_INPUTS, ids=MI_IDS)
 @pytest.mark.parametrize("training", [True, False])
-def test_modules_memory_format(bk, torch_cls, args, kwargs, shape, desc, training):
+def test_modules_memory_format(cpu_backend, torch_cls, args, kwargs, shape, desc, training):
     """test_modules.py::test_memory_format: every (input format, module format) pair gives the
     contiguous output and gradients, and output and input gradient keep the input's format."""
     m = OURS[torch_cls](*args, **kwargs)
@@ -412,7 +399,7 @@ def test_modules_errors_negative_eps(torch_cls):
 # test/test_nn.py, TestNNDeviceType
 
 
-def test_batchnorm_grad(bk):
+def test_batchnorm_grad(cpu_backend):
     """_test_batchnorm_grad: gradcheck and gradgradcheck of F.batch_norm in float64, eval and
     training, on arange data with a zero running variance in channel 0 (eps=1e-4)."""
     bs, n_feat, size_feat = 4, 5, 6
@@ -464,7 +451,7 @@ def _test_batchnorm_eval(ndim, dtype, module_dtype=None):
     torch.testing.assert_close(grad1, grad2)
 
 
-def test_batchnorm_eval(bk):
+def test_batchnorm_eval(cpu_backend):
     _test_batchnorm_eval(2, torch.float)
     _test_batchnorm_eval(3, torch.float)
 
@@ -512,7 +499,7 @@ def _test_batchnorm_affine(ndim, dtype, module_dtype=None):
     torch.testing.assert_close(grad1, grad2)
 
 
-def test_batchnorm_affine(bk):
+def test_batchnorm_affine(cpu_backend):
     _test_batchnorm_affine(2, torch.float)
     _test_batchnorm_affine(3, torch.float)
 
@@ -561,7 +548,7 @@ def _test_batchnorm_simple_average(dtype, module_dtype=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float, torch.double])
-def test_batchnorm_simple_average(bk, dtype):
+def test_batchnorm_simple_average(cpu_backend, dtype):
     _test_batchnorm_simple_average(dtype)
 
 
@@ -571,7 +558,7 @@ def test_batchnorm_simple_average_mixed(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float, torch.double])
-def test_batchnorm_update_stats(bk, dtype):
+def test_batchnorm_update_stats(cpu_backend, dtype):
     """_test_batchnorm_update_stats: training moves the statistics and counts the batch; eval
     changes nothing. Checked against PyTorch's values too."""
     module, theirs = _twins(nn.BatchNorm1d, 3, dtype=dtype)
@@ -592,7 +579,7 @@ def test_batchnorm_update_stats(bk, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float, torch.double])
-def test_batchnorm_large_batch(bk, dtype):
+def test_batchnorm_large_batch(cpu_backend, dtype):
     """test_batchnorm_large_batch: 880801 values in one channel, forward and backward."""
     bn, theirs = _twins(nn.BatchNorm2d, 1, dtype=dtype)
     data = torch.rand(880801, 1, 1, 1, dtype=dtype)
@@ -606,7 +593,7 @@ def test_batchnorm_large_batch(bk, dtype):
     _assert_same_state(bn, theirs, rtol=1e-4, atol=1e-6)
 
 
-def test_batchnorm_empty(bk):
+def test_batchnorm_empty(cpu_backend):
     """test_BatchNorm_empty via common_nn._test_module_empty_input: N=0 forward+backward gives
     zero gradients everywhere and leaves the running statistics alone."""
     mod, theirs = _twins(nn.BatchNorm2d, 3)
@@ -627,7 +614,7 @@ def test_batchnorm_empty(bk):
 
 @pytest.mark.parametrize("shape", [(4, 3, 0), (0, 3), (0, 3, 0)])
 @pytest.mark.parametrize("training", [True, False])
-def test_batchnorm_empty_other_shapes(bk, shape, training):
+def test_batchnorm_empty_other_shapes(cpu_backend, shape, training):
     """Other empty inputs (empty length, empty batch of a 2D input): output shape, zero
     gradients, running statistics and num_batches_tracked as in PyTorch."""
     ours, theirs = _twins(nn.BatchNorm1d, 3)
@@ -798,7 +785,7 @@ def _nhwc_helper(mod, size, dtype, mixed_dtype, fmt, precision=None):
 
 
 @pytest.mark.parametrize("shape", [(4, 8, 10, 10), (4, 1, 9, 9), (4, 9, 1, 1)])
-def test_batchnorm_nhwc_cpu_float(bk, shape):
+def test_batchnorm_nhwc_cpu_float(cpu_backend, shape):
     _nhwc_helper(nn.BatchNorm2d, shape, torch.float, False, torch.channels_last)
     shape3d = (shape[0], shape[1], 2, *shape[2:])
     _nhwc_helper(nn.BatchNorm3d, shape3d, torch.float, False, torch.channels_last_3d, 1e-4)
@@ -893,7 +880,7 @@ def test_convert_sync_batchnorm_shares_state_like_torch():
 
 @pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (2, 3, 4, 4), (2, 3, 2, 2, 3)])
 @pytest.mark.parametrize("track", [True, False])
-def test_sync_batchnorm_single_process_matches_torch(bk, shape, track):
+def test_sync_batchnorm_single_process_matches_torch(cpu_backend, shape, track):
     """Without an initialized process group PyTorch's SyncBatchNorm is plain batch norm on
     any input of rank >= 2 (training and eval); so is ours."""
     ours, theirs = _twins(nn.SyncBatchNorm, 3, momentum=0.3, track_running_stats=track)
@@ -1069,7 +1056,7 @@ def test_load_state_dict_assign_with_optimizer():
 # test/test_stateless.py and torch.func
 
 
-def test_functional_call_batch_norm(bk):
+def test_functional_call_batch_norm(cpu_backend):
     """test_stateless.py::test_functional_batch_norm: a running_mean passed through
     functional_call is the one updated; the module's own is left alone until called plainly."""
     from torch.func import functional_call
@@ -1211,7 +1198,7 @@ def test_fuse_conv_bn_eval():
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-def test_running_stats_updated_in_place(bk, momentum):
+def test_running_stats_updated_in_place(cpu_backend, momentum):
     """PyTorch updates running_mean/running_var/num_batches_tracked in place: the same tensor
     objects, the same storage, a version bump (so an optimizer or a reference holding them sees
     the update), and reset_running_stats/reset_parameters work in place too."""
@@ -1239,7 +1226,7 @@ def test_running_stats_updated_in_place(bk, momentum):
     assert torch.equal(weight, torch.ones(3)) and torch.equal(bias, torch.zeros(3))
 
 
-def test_cumulative_average_equals_mean_of_batches(bk):
+def test_cumulative_average_equals_mean_of_batches(cpu_backend):
     """momentum=None: after k batches the running statistics are the plain average of the k
     batch means and unbiased variances (factor 1/num_batches_tracked), as in PyTorch."""
     ours, theirs = _twins(nn.BatchNorm1d, 4, momentum=None, dtype=torch.float64)
@@ -1256,7 +1243,7 @@ def test_cumulative_average_equals_mean_of_batches(bk):
     _assert_same_state(ours, theirs)
 
 
-def test_track_running_stats_false_has_no_buffers(bk):
+def test_track_running_stats_false_has_no_buffers(cpu_backend):
     """track_running_stats=False: running buffers are None, nothing in the state_dict but the
     affine parameters, eval mode keeps using batch statistics."""
     ours, theirs = _twins(nn.BatchNorm2d, 3, track_running_stats=False)

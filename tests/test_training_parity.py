@@ -76,14 +76,6 @@ def _train(model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]],
     return losses
 
 
-@pytest.fixture(params=["cpu", "reference"])
-def cpu_backend(request, monkeypatch):
-    """The CPU backends (the Triton interpreter is a correctness tool, too slow for 25 steps of
-    training; its kernels run through the backend-parametrized suite)."""
-    monkeypatch.setenv("BATCHNORM_BACKEND", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
                          ids=["nchw", "channels_last"])
 def test_cnn_training_follows_pytorch(cpu_backend, fmt):
