@@ -418,37 +418,35 @@ def test_batchnorm_grad(cpu_backend):
         assert gradgradcheck(fn, (x, weight, bias))
 
 
+def _same_output_and_input_grad(first, second, data, grad, between=None):
+    """``first(data)`` and ``second(data)`` agree in output and input gradient (``between``
+    runs after the first call: a mode switch); returns the first output."""
+    res1 = first(data)
+    res1.backward(grad)
+    grad1 = data.grad.clone()
+    if between is not None:
+        between()
+    data.grad.zero_()
+    res2 = second(data)
+    res2.backward(grad)
+    torch.testing.assert_close(res1, res2)
+    torch.testing.assert_close(grad1, data.grad)
+    return res1
+
+
 def _test_batchnorm_eval(ndim, dtype, module_dtype=None):
     module_dtype = module_dtype or dtype
     module = batchnorm.BatchNorm1d(3).to(module_dtype)
     module.eval()
     data = torch.rand([3] * ndim, dtype=dtype, requires_grad=True)
     grad = torch.rand([3] * ndim, dtype=dtype)
-    res1 = module(data)
-    assert res1.dtype == dtype
-    res1.backward(grad)
-    grad1 = data.grad.clone()
-    data.grad.zero_()
-    res2 = module(data)
-    res2.backward(grad)
-    grad2 = data.grad.clone()
-    torch.testing.assert_close(res1, res2)
-    torch.testing.assert_close(grad1, grad2)
+    assert _same_output_and_input_grad(module, module, data, grad).dtype == dtype
 
     # track_running_stats=False: eval also uses the batch statistics
     module = batchnorm.BatchNorm1d(3, track_running_stats=False).to(module_dtype)
     data = torch.rand(4, 3, dtype=dtype, requires_grad=True)
     grad = torch.rand(4, 3, dtype=dtype)
-    res1 = module(data)
-    res1.backward(grad)
-    grad1 = data.grad.clone()
-    module.eval()
-    data.grad.zero_()
-    res2 = module(data)
-    res2.backward(grad)
-    grad2 = data.grad.clone()
-    torch.testing.assert_close(res1, res2)
-    torch.testing.assert_close(grad1, grad2)
+    _same_output_and_input_grad(module, module, data, grad, between=module.eval)
 
 
 def test_batchnorm_eval(cpu_backend):
@@ -487,16 +485,7 @@ def _test_batchnorm_affine(ndim, dtype, module_dtype=None):
         module_affine.weight.fill_(1.0)
         module_affine.bias.zero_()
     data = torch.rand([3] * ndim, dtype=dtype, requires_grad=True)
-    grad = torch.ones_like(data, requires_grad=False)
-    res1 = module_affine(data)
-    res1.backward(grad)
-    grad1 = data.grad.clone()
-    data.grad.zero_()
-    res2 = module(data)
-    res2.backward(grad)
-    grad2 = data.grad
-    torch.testing.assert_close(res1, res2)
-    torch.testing.assert_close(grad1, grad2)
+    _same_output_and_input_grad(module_affine, module, data, torch.ones_like(data))
 
 
 def test_batchnorm_affine(cpu_backend):
