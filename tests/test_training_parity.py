@@ -3,11 +3,15 @@ trajectory as the same network with PyTorch's ``BatchNorm2d`` + ``ReLU`` (+ resi
 the same initialization, on every CPU backend and both memory formats.
 
 The comparison is the loss at every step, and the parameters and running statistics at the
-end (train mode for the steps, then one eval-mode forward). Tolerances allow float32 rounding
-in another summation order growing over the steps. Measured: losses within 2e-6 relative;
-state within 4e-6 channels-first, while on channels-last single elements move by up to 8e-4,
-the trace of one pre-activation near zero rounding to the other side of a ReLU; single-step
-gradients are as close to a float64 run as PyTorch's own, or closer.
+end (train mode for the steps, then one eval-mode forward), in two precisions:
+
+- float64: the two runs agree to ~1e-14 (measured), so the tolerances are tight: a running
+  variance blended with the biased variance (4e-4 relative here) or any gradient error fails.
+- float32 (what users train in): a pre-activation near zero can round to the other side of a
+  ReLU in one run and not the other, and the trajectories then drift apart by ~1e-4 after 25
+  steps (measured: 2e-6 on the losses in one test order, 1.7e-4 in another, PyTorch's own CPU
+  kernels choosing another reduction order). The float32 tolerances are set above that drift
+  and well below what a wrong gradient, a dropped residual or a missed update does.
 """
 
 from __future__ import annotations
@@ -76,12 +80,18 @@ def _train(model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]],
     return losses
 
 
+# dtype -> (relative tolerance on each loss, on each state tensor's norm, on the eval output)
+TOLERANCES = {torch.float64: (1e-10, 1e-10, 1e-10), torch.float32: (5e-3, 1e-2, 1e-2)}
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=["float64", "float32"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
                          ids=["nchw", "channels_last"])
-def test_cnn_training_follows_pytorch(cpu_backend, fmt):
+def test_cnn_training_follows_pytorch(cpu_backend, fmt, dtype):
+    loss_tol, state_tol, out_tol = TOLERANCES[dtype]
     torch.manual_seed(0)
-    theirs = Net(fused=False)
-    ours = Net(fused=True)
+    theirs = Net(fused=False).to(dtype)
+    ours = Net(fused=True).to(dtype)
     ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
     ours.to(memory_format=fmt)
     theirs.to(memory_format=fmt)
@@ -94,24 +104,22 @@ def test_cnn_training_follows_pytorch(cpu_backend, fmt):
         t = torch.randint(0, 5, (16,), generator=gen)
         for i, k in enumerate(t.tolist()):
             x[i, :, : 2 * k + 2, : 2 * k + 2] += 1.5
-        data.append((x, t))
+        data.append((x.to(dtype), t))
     want = _train(theirs, data, fmt)
     got = _train(ours, data, fmt)
     assert want[-1] < 0.8 * want[0]  # the run learns (else the comparison would be vacuous)
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=5e-5, atol=0.0)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=loss_tol, atol=0.0)
     ours_state, theirs_state = ours.state_dict(), theirs.state_dict()
     assert ours_state.keys() == theirs_state.keys()
     for key, value in theirs_state.items():
         if key.endswith("num_batches_tracked"):
             assert int(ours_state[key]) == int(value) == STEPS
             continue
-        # relative to the tensor's norm: one pre-activation near zero that rounds to the other
-        # side of the ReLU in one run moves single elements by ~1e-3 after 25 steps
         rel = float((ours_state[key] - value).norm() / value.norm())
-        assert rel < 1e-3, f"{key}: relative difference {rel:.1e}"
+        assert rel < state_tol, f"{key}: relative difference {rel:.1e}"
     ours.eval()
     theirs.eval()
     x = data[0][0].to(memory_format=fmt)
     with torch.no_grad():
         a, b = ours(x), theirs(x)
-    assert float((a - b).norm() / b.norm()) < 1e-3
+    assert float((a - b).norm() / b.norm()) < out_tol
