@@ -449,16 +449,17 @@ def _test_batchnorm_eval(ndim, dtype, module_dtype=None):
     _same_output_and_input_grad(module, module, data, grad, between=module.eval)
 
 
-def test_batchnorm_eval(cpu_backend):
-    _test_batchnorm_eval(2, torch.float)
-    _test_batchnorm_eval(3, torch.float)
+# (input dtype, module dtype): PyTorch's float tests and its *_mixed variants (onlyCUDA there;
+# the CPU supports the mix as well)
+DTYPE_PAIRS = [(torch.float, torch.float), (torch.bfloat16, torch.float), (torch.half, torch.float)]
+DTYPE_IDS = ["float", "bfloat16_mixed", "half_mixed"]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.half])
-def test_batchnorm_eval_mixed(dtype):
-    """test_batchnorm_eval_mixed (onlyCUDA in PyTorch; the CPU supports the mix as well)."""
-    _test_batchnorm_eval(2, dtype, torch.float)
-    _test_batchnorm_eval(3, dtype, torch.float)
+@pytest.mark.parametrize("dtype,module_dtype", DTYPE_PAIRS, ids=DTYPE_IDS)
+def test_batchnorm_eval(cpu_backend, dtype, module_dtype):
+    """test_batchnorm_eval and test_batchnorm_eval_mixed."""
+    _test_batchnorm_eval(2, dtype, module_dtype)
+    _test_batchnorm_eval(3, dtype, module_dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.half])
@@ -488,15 +489,11 @@ def _test_batchnorm_affine(ndim, dtype, module_dtype=None):
     _same_output_and_input_grad(module_affine, module, data, torch.ones_like(data))
 
 
-def test_batchnorm_affine(cpu_backend):
-    _test_batchnorm_affine(2, torch.float)
-    _test_batchnorm_affine(3, torch.float)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.half])
-def test_batchnorm_affine_mixed(dtype):
-    _test_batchnorm_affine(2, dtype, torch.float)
-    _test_batchnorm_affine(3, dtype, torch.float)
+@pytest.mark.parametrize("dtype,module_dtype", DTYPE_PAIRS, ids=DTYPE_IDS)
+def test_batchnorm_affine(cpu_backend, dtype, module_dtype):
+    """test_batchnorm_affine and test_batchnorm_affine_mixed."""
+    _test_batchnorm_affine(2, dtype, module_dtype)
+    _test_batchnorm_affine(3, dtype, module_dtype)
 
 
 def _test_batchnorm_simple_average(dtype, module_dtype=None):
