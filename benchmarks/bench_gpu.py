@@ -205,8 +205,8 @@ def strategy_of(shape, layout, dtype_name, device) -> str:
     """Which backend (and Triton strategy) our call takes for this case."""
     import torch
 
-    from batchnorm.functional import canonicalize
     from batchnorm.kernels import select
+    from batchnorm.layout import canonicalize
 
     fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     probe = torch.empty(shape, device=device, dtype=getattr(torch, dtype_name),

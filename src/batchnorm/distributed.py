@@ -31,8 +31,9 @@ from torch import Tensor
 from . import stats as S
 from ._errors import BatchNormValueError
 from .activations import ActivationSpec, parse_activation
-from .functional import canonicalize, check_arguments, to_layout, update_running_statistics
+from .functional import check_arguments, update_running_statistics
 from .kernels import select
+from .layout import Layout, canonicalize
 
 __all__ = ["is_distributed", "sync_batch_norm"]
 
@@ -96,13 +97,13 @@ def sync_batch_norm(
             f"over all {headers.shape[0]} ranks (local input size {tuple(input.shape)})"
         )
 
-    x, restore, layout = canonicalize(input)
-    r = None if residual is None else to_layout(residual, layout)
+    x, layout = canonicalize(input)
+    r = None if residual is None else layout.canonical(residual)
     with torch.no_grad():
         local = select(x).stats(x)
         merged = _gather_and_merge(local, group)
         mean, var, rstd = S.finalize(merged, eps)
-    y = _SyncNorm.apply(x, weight, bias, r, mean, rstd, float(total), act, slope, group)
+    y = _SyncNorm.apply(x, weight, bias, r, mean, rstd, float(total), act, slope, group, layout)
 
     update = running_mean is not None and running_var is not None
     if update:
@@ -112,7 +113,7 @@ def sync_batch_norm(
             count=total, num_batches_tracked=num_batches_tracked,
             num_batches_skipped=num_batches_skipped, layer_name=layer_name,
         )
-    return restore(y)
+    return y
 
 
 def _exchange_headers(input: object, failed: bool, group: Any) -> Tensor:
@@ -186,7 +187,7 @@ class _SyncNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                 residual: Tensor | None, mean: Tensor, rstd: Tensor, total: float, act: str,
-                slope: float, group: Any) -> Tensor:
+                slope: float, group: Any, layout: Layout) -> Tensor:
         scale = S.scale_of(rstd, weight)
         shift = None if bias is None else bias.to(mean.dtype)
         y = select(x).apply(x, mean, scale, shift, residual, act, slope)
@@ -194,14 +195,15 @@ class _SyncNorm(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, keep_residual, mean, rstd)
         ctx.total, ctx.act, ctx.slope, ctx.group = total, act, slope, group
         ctx.has_residual = residual is not None
-        return y
+        ctx.layout = layout
+        return layout.restore(y)  # the user's shape, not a view (see batchnorm.layout)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, bias, residual, mean, rstd = ctx.saved_tensors
         need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
-        grad_y = grad_y.contiguous()
+        grad_y = ctx.layout.canonical(grad_y)
         backend = select(x)
         scale = S.scale_of(rstd, weight)
         shift = None if bias is None else bias.to(mean.dtype)
@@ -227,4 +229,4 @@ class _SyncNorm(torch.autograd.Function):
         db = sum_g.to(bias.dtype) if need_db and sum_g is not None else None
         if dres is not None and dres.data_ptr() == grad_y.data_ptr() and dres.numel():
             dres = dres.clone()
-        return dx, dw, db, dres, None, None, None, None, None, None
+        return dx, dw, db, dres, None, None, None, None, None, None, None

@@ -12,7 +12,6 @@ import numbers
 import os
 import sys
 import warnings
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -113,10 +112,8 @@ def batch_norm_impl(
             "batch_norm: torch.func.vmap maps the input but not running_mean/running_var, "
             "which training updates in place; use track_running_stats=False, eval mode, or "
             "map the running statistics too")
-    x, restore, layout = canonicalize(input)
-    r = None if residual is None else to_layout(residual, layout)
     running = None
-    count = x.numel() // x.shape[1] if x.shape[1] else 0
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
     if update:
         assert running_mean is not None and running_var is not None
         # eager CPU: the update rides on the forward's backend call (see ops.running_update)
@@ -124,7 +121,7 @@ def batch_norm_impl(
                                      0.0 if momentum is None else float(momentum),
                                      momentum is None, count)
     y, mean, _rstd, var = ops.forward(
-        x, weight, bias, r,
+        input, weight, bias, residual,
         None if training else running_mean, None if training else running_var,
         bool(training), float(eps), act, slope, running,
     )
@@ -140,7 +137,7 @@ def batch_norm_impl(
             )
         elif not ok:
             _warn_skipped(layer_name, num_batches_skipped)
-    return restore(y)
+    return y
 
 
 def _vmapped(t: object) -> bool:
@@ -344,62 +341,3 @@ def check_arguments(
             raise BatchNormTypeError(
                 f"residual: expected dtype {x.dtype} like input, got {residual.dtype}"
             )
-
-
-# --------------------------------------------------------------------------------------------
-# Canonical layouts (see kernels/base.py)
-
-Layout = tuple[str, tuple[int, ...]]
-
-
-def canonicalize(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor], Layout]:
-    """View ``x`` as channels-first ``(N, C, S)`` or channels-last ``(M, C)`` without copying.
-
-    Returns the canonical tensor, the function that views a canonical output back in ``x``'s
-    shape and memory format, and the layout (to bring a residual into the same form).
-    Inputs that are neither are made contiguous once.
-    """
-    if x.dim() == 2 and x.is_contiguous():  # already (M, C): no view, no copy
-        return x, _identity, ("nc", tuple(x.shape))
-    shape = tuple(x.shape)
-    n, c, spatial = shape[0], shape[1], shape[2:]
-    s = math.prod(spatial)
-    if x.dim() == 2 or (s == 1 and x.is_contiguous()):
-        return x.contiguous().view(n, c), lambda y: y.view(shape), ("nc", shape)
-    if not x.is_contiguous() or (x.numel() == 0 and _empty_channels_last(x)):
-        perm = (0, *range(2, x.dim()), 1)
-        xp = x.permute(perm)
-        if xp.is_contiguous():
-            inverse = tuple(perm.index(i) for i in range(x.dim()))
-            permuted_shape = (n, *spatial, c)
-            return (
-                xp.view(n * s, c),
-                lambda y: y.view(permuted_shape).permute(inverse),
-                ("last", shape),
-            )
-        x = x.contiguous()
-    return x.view(n, c, s), lambda y: y.view(shape), ("first", shape)
-
-
-def _identity(y: Tensor) -> Tensor:
-    return y
-
-
-def _empty_channels_last(x: Tensor) -> bool:
-    """An empty 4-D/5-D tensor with channels-last strides: every empty tensor counts as
-    contiguous, so only its strides say which format the output should keep (as PyTorch's)."""
-    if x.dim() == 4:
-        return x.is_contiguous(memory_format=torch.channels_last)
-    return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
-
-
-def to_layout(t: Tensor, layout: Layout) -> Tensor:
-    """Bring ``t`` (same shape as the input) into the input's canonical layout."""
-    kind, shape = layout
-    n, c = shape[0], shape[1]
-    if kind == "nc":
-        return t.contiguous().view(n, c)
-    if kind == "last":
-        perm = (0, *range(2, t.dim()), 1)
-        return t.permute(perm).contiguous().view(-1, c)
-    return t.contiguous().view(n, c, math.prod(shape[2:]))

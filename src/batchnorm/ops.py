@@ -19,6 +19,8 @@ tensors and are turned into ``None`` here.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.autograd.forward_ad as _forward_ad
@@ -29,6 +31,7 @@ from . import stats as S
 from .activations import act_forward
 from .kernels import Backend, running_backend, select
 from .kernels.base import RunningUpdate
+from .layout import canonicalize, empty_output
 
 __all__ = ["forward", "forward_op", "backward_op", "update_running_stats",
            "update_running_stats_op", "running_update", "finish_running_update"]
@@ -52,8 +55,24 @@ def _forward_impl(
     act: str,
     slope: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return run_forward(select(x), x, weight, bias, residual, running_mean, running_var,
-                       training, eps, act, slope)
+    return _run_forward(x, weight, bias, residual, running_mean, running_var, training, eps,
+                        act, slope)[:4]
+
+
+def _run_forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None, training: bool, eps: float,
+    act: str, slope: float, running: RunningUpdate | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Backend]:
+    """The forward on tensors of the user's shape: canonical views in, the backend chosen for
+    them, the output back in the user's shape and memory format (not an autograd view: see
+    :mod:`batchnorm.layout`); also returns the backend, which the eager backward reuses."""
+    xc, lay = canonicalize(x)
+    backend = select(xc)
+    rc = None if residual is None else lay.canonical(residual)
+    y, mean, rstd, var = run_forward(backend, xc, weight, bias, rc, running_mean, running_var,
+                                     training, eps, act, slope, running)
+    return lay.restore(y), mean, rstd, var, backend
 
 
 def run_forward(
@@ -70,9 +89,10 @@ def run_forward(
     slope: float,
     running: RunningUpdate | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The forward op's body on a given backend: batch statistics in training, copies of the
-    running ones otherwise (shared by ``batchnorm::forward`` and the Triton ops). ``running``:
-    an eager CPU running-statistics update the backend may fold in (training only)."""
+    """The forward on canonical tensors and a given backend: batch statistics in training,
+    copies of the running ones otherwise (shared by ``batchnorm::forward`` and the Triton ops).
+    ``running``: an eager CPU running-statistics update the backend may fold in (training
+    only)."""
     if training:
         y, mean, rstd, var = backend.forward_train(x, weight, bias, residual, eps, act, slope,
                                                    running)
@@ -94,44 +114,28 @@ def _forward_fake(x, weight, bias, residual, running_mean, running_var, training
     c = x.shape[1]
     acc = _stat_dtype(x)
     stat = lambda: x.new_empty((c,), dtype=acc)  # noqa: E731
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stat(), stat(), stat()
+    return empty_output(x), stat(), stat(), stat()
 
 
-def _backward_impl(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    residual: Tensor | None,
-    mean: Tensor,
-    rstd: Tensor,
-    training: bool,
-    act: str,
-    slope: float,
-    need_dx: bool,
-    need_dweight: bool,
-    need_dbias: bool,
+def run_backward(
+    backend: Backend | None, grad_y: Tensor, x: Tensor, weight: Tensor | None,
+    bias: Tensor | None, residual: Tensor | None, mean: Tensor, rstd: Tensor, training: bool,
+    act: str, slope: float, need_dx: bool, need_dweight: bool, need_dbias: bool,
     need_dres: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dw, db, dr = select(x).backward(
-        grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
-        need_dx, need_dweight and weight is not None, need_dbias and bias is not None, need_dres,
-    )
-    # one fresh empty tensor per missing gradient: op outputs may not alias each other
-    return tuple(x.new_empty((0,)) if t is None else t  # type: ignore[return-value]
-                 for t in (dx, dw, db, dr))
-
-
-def _eager_backward(
-    grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
-    residual: Tensor | None, mean: Tensor, rstd: Tensor, training: bool, act: str, slope: float,
-    need_dx: bool, need_dweight: bool, need_dbias: bool, need_dres: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """The backend's backward for the eager autograd.Function (``None`` where not needed)."""
-    return select(x).backward(  # type: ignore[no-any-return]
-        grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
+    """The single-pass backward on tensors of the user's shape: ``grad_y`` (any memory format)
+    brought into ``x``'s canonical layout, the backend's backward (``None``: the one
+    :func:`select` picks), the input gradients back in ``x``'s shape and format; ``None`` where
+    a gradient is not needed."""
+    xc, lay = canonicalize(x)
+    be = backend if backend is not None else select(xc)
+    rc = None if residual is None else lay.canonical(residual)
+    dx, dw, db, dr = be.backward(
+        lay.canonical(grad_y), xc, weight, bias, rc, mean, rstd, training, act, slope,
         need_dx, need_dweight and weight is not None, need_dbias and bias is not None, need_dres,
     )
+    return (None if dx is None else lay.restore(dx), dw, db,
+            None if dr is None else lay.restore(dr))
 
 
 @torch.library.custom_op("batchnorm::backward", mutates_args=())
@@ -140,10 +144,12 @@ def backward_op(
     residual: Tensor | None, mean: Tensor, rstd: Tensor, training: bool, act: str, slope: float,
     need_dx: bool, need_dweight: bool, need_dbias: bool, need_dres: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    outs = _backward_impl(grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
-                          need_dx, need_dweight, need_dbias, need_dres)
+    grads = run_backward(None, grad_y, x, weight, bias, residual, mean, rstd, training, act,
+                         slope, need_dx, need_dweight, need_dbias, need_dres)
     inputs = [t for t in (grad_y, x, weight, bias, residual, mean, rstd) if t is not None]
-    return tuple(_fresh(t, inputs) for t in outs)  # type: ignore[return-value]
+    # one fresh empty tensor per missing gradient: op outputs may not alias each other
+    return tuple(x.new_empty((0,)) if t is None else _fresh(t, inputs)  # type: ignore[return-value]
+                 for t in grads)
 
 
 def _fresh(t: Tensor, inputs: list[Tensor]) -> Tensor:
@@ -160,7 +166,7 @@ def _backward_fake(grad_y, x, weight, bias, residual, mean, rstd, training, act,
                    need_dx, need_dweight, need_dbias, need_dres):
     def like(t: Tensor | None, need: bool) -> Tensor:
         if need and t is not None:
-            return torch.empty_like(t, memory_format=torch.contiguous_format)
+            return empty_output(x) if t is x else torch.empty_like(t)
         return x.new_empty((0,))
 
     return (like(x, need_dx), like(weight, need_dweight), like(bias, need_dbias),
@@ -181,7 +187,7 @@ def _composite_forward(x, weight, bias, residual, mean, rstd, training, eps, act
     """The forward in plain differentiable ops (batch statistics recomputed from ``x``)."""
     acc = mean.dtype
     xf = x.to(acc)
-    shape = (1, -1, 1) if x.dim() == 3 else (1, -1)
+    shape = (1, -1) + (1,) * (x.dim() - 2)  # a (C,) vector against x
     if training:
         m, var = S.differentiable_moments(xf)
         r = S.rstd_from_var(var, eps)
@@ -223,7 +229,7 @@ def _backward_formula(ctx, grad_y, _gmean, _grstd, _gvar, single_pass=None):
                 out[3] = grads[-1]
         return (*out, *rest)
     dx, dw, db, dr = (single_pass or backward_op)(
-        grad_y.contiguous(), x, weight, bias, residual, mean, rstd, ctx.training, ctx.act,
+        grad_y, x, weight, bias, residual, mean, rstd, ctx.training, ctx.act,
         ctx.slope, need_dx, need_dw, need_db, need_dr,
     )
     return (
@@ -274,7 +280,8 @@ class _EagerForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, gmean, grstd, gvar):  # type: ignore[override]
-        return _backward_formula(ctx, grad_y, gmean, grstd, gvar, single_pass=_eager_backward)
+        return _backward_formula(ctx, grad_y, gmean, grstd, gvar,
+                                 single_pass=functools.partial(run_backward, None))
 
     @staticmethod
     def vmap(info, in_dims, *inputs):  # type: ignore[no-untyped-def]
@@ -317,12 +324,9 @@ class _EagerForwardCtx(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):  # type: ignore[override]
-        x, weight, bias, residual, rm, rv, training, eps, act, slope, running = inputs
-        backend = select(x)
-        out = run_forward(backend, x, weight, bias, residual, rm, rv, training, eps, act, slope,
-                          running)
+        y, mean, rstd, var, ctx.backend = _run_forward(*inputs)
+        out = (y, mean, rstd, var)
         _setup_forward(ctx, inputs[:-1], out)
-        ctx.backend = backend
         ctx.set_materialize_grads(False)
         return out
 
@@ -331,7 +335,7 @@ class _EagerForwardCtx(torch.autograd.Function):
         if grad_y is None:  # nothing reached y (the statistics outputs carry no gradient)
             return (None,) * 11
         grads = _backward_formula(ctx, grad_y, None, None, None,
-                                  single_pass=ctx.backend.backward)
+                                  single_pass=functools.partial(run_backward, ctx.backend))
         return (*grads, None)
 
 
@@ -346,12 +350,16 @@ def forward(
     backend may fold into its call; see :func:`finish_running_update` for what follows."""
     args = (x, weight, bias, residual, running_mean, running_var, training, eps, act, slope)
     if torch.compiler.is_compiling():
-        if x.device.type == "cuda" and _backends_loaded("cuda") and select(x).name == "triton":
+        xc, lay = canonicalize(x)
+        if x.device.type == "cuda" and _backends_loaded("cuda") and select(xc).name == "triton":
             # Inductor sees the Triton kernels themselves, not an opaque op (and Triton is
             # imported only here). On CPU tensors they run in Triton's interpreter, which
-            # Inductor cannot compile: those keep batchnorm::forward.
+            # Inductor cannot compile: those keep batchnorm::forward. The Triton ops take
+            # canonical tensors; under tracing a view back is functionalized like any other.
             from .kernels.triton_ops import triton_forward_op
-            return triton_forward_op(*args)  # type: ignore[no-any-return]
+            rc = None if residual is None else lay.canonical(residual)
+            y, *stats = triton_forward_op(xc, weight, bias, rc, *args[4:])
+            return (lay.restore_view(y), *stats)  # type: ignore[return-value]
         return forward_op(*args)  # type: ignore[no-any-return]
     if _forward_ad.__dict__.get("_current_level", -1) >= 0:
         # Forward-mode AD (dual tensors): plain differentiable ops carry the tangents; the
@@ -378,7 +386,7 @@ def forward(
         return _EagerForward.apply(*args)  # type: ignore[no-any-return]
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, weight, bias, residual)):
-        return run_forward(select(x), *args, running)  # nothing to differentiate: no node
+        return _run_forward(*args, running)[:4]  # nothing to differentiate: no node
     return _EagerForwardCtx.apply(*args, running)  # type: ignore[no-any-return]
 
 

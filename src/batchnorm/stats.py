@@ -93,9 +93,9 @@ def centered_partials(x: Tensor) -> tuple[Partials, Tensor]:
 
 
 def differentiable_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of a canonical tensor as plain differentiable ops,
+    """Per-channel (dimension 1) mean and biased variance of ``x`` as plain differentiable ops,
     shaped to broadcast against ``x`` (the double-backward and forward-mode AD paths use it)."""
-    dims: tuple[int, ...] = (0, 2) if x.dim() == 3 else (0,)
+    dims = (0, *range(2, x.dim()))
     mean = x.mean(dims, keepdim=True)
     return mean, (x - mean).square().mean(dims, keepdim=True)
 

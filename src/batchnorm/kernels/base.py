@@ -1,6 +1,6 @@
 """The backend contract: what every kernel backend implements.
 
-Kernels see two canonical shapes only (see ``functional._canonicalize``):
+Kernels see two canonical shapes only (see :mod:`batchnorm.layout`):
 
 - channels-first ``x: (N, C, S)``, contiguous;
 - channels-last ``x: (M, C)``, contiguous (``M = N·prod(spatial)``; a 2-D ``(N, C)`` input is this).

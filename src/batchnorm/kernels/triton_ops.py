@@ -136,7 +136,7 @@ def triton_backward_op(
     """``batchnorm::backward`` with the Triton kernels traceable. Every output is a fresh
     tensor (the Triton backward allocates each gradient it returns), as custom ops require."""
     dx, dw, db, dr = _backend(x).backward(
-        grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
+        grad_y.contiguous(), x, weight, bias, residual, mean, rstd, training, act, slope,
         need_dx, need_dweight and weight is not None, need_dbias and bias is not None, need_dres,
     )
     # one fresh empty tensor per missing gradient: op outputs may not alias each other

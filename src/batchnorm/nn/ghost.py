@@ -30,7 +30,7 @@ from torch import Tensor
 from .. import ops
 from .. import stats as S
 from ..activations import ActivationSpec, parse_activation
-from ..functional import canonicalize, check_arguments
+from ..functional import check_arguments
 from ._common import check_int, update_running
 from .batchnorm import _BatchNormBase
 
@@ -111,14 +111,13 @@ class _GhostBatchNorm(_BatchNormBase):
         def regroup(t: Tensor) -> Tensor:  # (k·v, C, *) -> (v, k·C, S)
             return t.reshape(k, v, c, s).transpose(0, 1).reshape(v, k * c, s)
 
-        xg, restore, layout = canonicalize(regroup(x))
-        rg = None if residual is None else canonicalize(regroup(residual))[0]
         weight = None if self.weight is None else self.weight.repeat(k)
         bias = None if self.bias is None else self.bias.repeat(k)
         act, slope = parse_activation(self.activation)
-        y, mean, _rstd, var = ops.forward(xg, weight, bias, rg, None, None, True,
+        rg = None if residual is None else regroup(residual)
+        y, mean, _rstd, var = ops.forward(regroup(x), weight, bias, rg, None, None, True,
                                           float(self.eps), act, slope)
-        y = restore(y).reshape(v, k, c, s).transpose(0, 1).reshape(shape)
+        y = y.reshape(v, k, c, s).transpose(0, 1).reshape(shape)
         count = torch.full((k,), float(v * s), dtype=mean.dtype, device=mean.device)
         mean, var = mean.view(k, c), var.view(k, c)
         return y, S.Partials(count, mean, var * (v * s))

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from .. import stats as S
 from ..activations import ActivationSpec
-from ..functional import batch_norm_impl, canonicalize, check_arguments
+from ..functional import batch_norm_impl, check_arguments
+from ..layout import canonicalize
 from ._common import check_int, check_real
 from .batchnorm import _BatchNormBase
 
@@ -100,7 +101,7 @@ class _BatchRenorm(_BatchNormBase):
         check_arguments(input, self.running_mean, self.running_var, self.weight, self.bias,
                         True, self.momentum, self.eps, residual, self.num_batches_tracked)
         with torch.no_grad():
-            x, _, _ = canonicalize(input)
+            x, _ = canonicalize(input)
             mean_b, var_b, _ = S.finalize(S.channel_partials(x), self.eps)
             r, d = self._correction(mean_b, var_b)
         # γ(x̂ r + d) + β == x̂·(γ r) + (γ d + β): plain BN with a corrected affine.

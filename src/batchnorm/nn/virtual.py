@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from .. import stats as S
 from .._errors import BatchNormValueError, describe
-from ..functional import canonicalize, check_channel_tensor, check_eps, check_input
+from ..functional import check_channel_tensor, check_eps, check_input
+from ..layout import canonicalize
 from .batchnorm import check_constructor
 
 __all__ = ["VirtualBatchNorm1d", "VirtualBatchNorm2d"]

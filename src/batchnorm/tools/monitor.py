@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import stats as S
-from ..functional import canonicalize
+from ..layout import canonicalize
 from .fold import is_batch_norm
 
 __all__ = ["ActivationMonitor"]
