@@ -48,10 +48,19 @@ __all__ += [
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze", "unfreeze",
 ]
 # [/variants]
-from .tools import ActivationMonitor, FoldReport, export_onnx, export_program, fold, recalibrate  # noqa: E402,E501
+from .tools import (  # noqa: E402
+    ActivationMonitor,
+    FoldReport,
+    FuseReport,
+    export_onnx,
+    export_program,
+    fold,
+    fuse,
+    recalibrate,
+)
 
-__all__ += ["ActivationMonitor", "FoldReport", "export_onnx", "export_program", "fold",
-            "recalibrate"]
+__all__ += ["ActivationMonitor", "FoldReport", "FuseReport", "export_onnx", "export_program",
+            "fold", "fuse", "recalibrate"]
 from .nn.sync import SyncBatchNorm, convert_sync_batchnorm  # noqa: E402
 
 __all__ += ["SyncBatchNorm", "convert_sync_batchnorm"]

@@ -3,6 +3,7 @@
 from .convert import convert_model, register_conversion
 from .export import export_onnx, export_program, onnx_translations
 from .fold import FoldedEpilogue, FoldReport, fold, is_batch_norm
+from .fuse import FuseReport, fuse
 from .monitor import ActivationMonitor
 from .recalibrate import recalibrate
 
@@ -10,10 +11,12 @@ __all__ = [
     "ActivationMonitor",
     "FoldReport",
     "FoldedEpilogue",
+    "FuseReport",
     "convert_model",
     "export_onnx",
     "export_program",
     "fold",
+    "fuse",
     "is_batch_norm",
     "onnx_translations",
     "recalibrate",

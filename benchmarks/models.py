@@ -1,0 +1,212 @@
+"""Training steps of real models: PyTorch's batch norm against ours after ``convert_model`` and
+after ``fuse`` (and, with ``--compile``, ``torch.compile`` of PyTorch's model).
+
+    python benchmarks/models.py                      # writes benchmarks/results/models.json
+    python benchmarks/models.py --models resnet18 --layouts nhwc --rounds 5 --out /tmp/m.json
+    python benchmarks/models.py --compile            # adds torch.compile (slow to compile)
+
+Models are torchvision's ResNet-18, ResNet-50, MobileNetV3-Small and EfficientNet-B0
+(``num_classes=10``, random weights), float32, built once per layout and copied for each variant
+so every variant starts from the same weights. A step is forward, cross-entropy, backward and an
+SGD (momentum 0.9) update on a fixed batch. Variants run interleaved, one step each per round;
+the table reports medians (and minimums) over rounds and the speed-up against PyTorch's model.
+
+Also per variant, from separate measurements outside the timed rounds:
+
+- ``saved_MiB``: the bytes autograd saves for backward in one forward (unique storages, through
+  ``torch.autograd.graph.saved_tensors_hooks``), a proxy for activation memory;
+- ``other_ms``: from a profile of one step, the self CPU time of every op that is not a
+  convolution or a linear layer (and not the optimizer), i.e. what batch norm, activations, adds,
+  copies and the rest of the step cost. The issue's target for ``fuse`` is at most half of
+  PyTorch's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import batchnorm  # noqa: E402
+from tests.vision import torchvision  # noqa: E402
+
+MODELS = {
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "mobilenet_v3_small": "mobilenet_v3_small",
+    "efficientnet_b0": "efficientnet_b0",
+}
+VARIANTS = ("torch", "convert", "fuse")
+# conv/linear kernels and their backward, the optimizer: time we do not control
+_NOT_OURS = ("conv", "mkldnn", "addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm",
+             "Optimizer", "sgd", "_foreach", "aten::t", "cross_entropy", "nll_loss",
+             "log_softmax")
+
+
+def build(name: str, variant: str, base: nn.Module, example: torch.Tensor) -> nn.Module:
+    model = copy.deepcopy(base)
+    if variant == "convert":
+        model = batchnorm.convert_model(model)
+    elif variant == "fuse":
+        model, _report = batchnorm.fuse(model, example_input=example)
+    return model
+
+
+def stepper(model: nn.Module, x: torch.Tensor, target: torch.Tensor,
+            compile_: bool = False) -> Callable[[], float]:
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    fwd = torch.compile(model) if compile_ else model
+
+    def step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(fwd(x), target)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> int:
+    """Bytes of the unique storages autograd saves for backward in one forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), target)
+    del loss
+    return sum(seen.values())
+
+
+def other_time_ms(step: Callable[[], float]) -> tuple[float, float]:
+    """(self CPU ms of ops outside conv/linear/optimizer, total self CPU ms) of one step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    total = other = 0.0
+    for e in prof.key_averages():
+        t = e.self_cpu_time_total / 1e3
+        total += t
+        name = e.key
+        if not any(k in name for k in _NOT_OURS):
+            other += t
+    return other, total
+
+
+def run_model(name: str, layout: str, args: argparse.Namespace) -> list[dict]:
+    tv = torchvision()
+    torch.manual_seed(0)
+    base = getattr(tv.models, MODELS[name])(num_classes=10)
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    base = base.to(memory_format=fmt)
+    x = torch.randn(args.batch, 3, args.size, args.size).to(memory_format=fmt)
+    target = torch.randint(0, 10, (args.batch,))
+    variants = [v for v in args.variants if v != "compile"]
+    models = {v: build(name, v, base, x) for v in variants}
+    steps = {v: stepper(m, x, target) for v, m in models.items()}
+    if args.compile:
+        models["compile"] = copy.deepcopy(base)
+        steps["compile"] = stepper(models["compile"], x, target, compile_=True)
+    for s in steps.values():  # warm-up: Numba compile, allocator, torch.compile
+        s()
+        s()
+    times: dict[str, list[float]] = {v: [] for v in steps}
+    for _ in range(args.rounds):
+        for v, s in steps.items():
+            t0 = time.perf_counter()
+            s()
+            times[v].append(time.perf_counter() - t0)
+    rows = []
+    ref = statistics.median(times["torch"])
+    for v, ts in times.items():
+        med = statistics.median(ts)
+        other, total = other_time_ms(steps[v]) if v != "compile" else (math.nan, math.nan)
+        row = {"model": name, "layout": layout, "variant": v, "median_ms": 1e3 * med,
+               "min_ms": 1e3 * min(ts), "speedup_vs_torch": ref / med,
+               "saved_MiB": saved_bytes(models[v], x, target) / 2**20,
+               "other_ms": other, "profiled_total_ms": total}
+        rows.append(row)
+        print(f"{name:>20} {layout:>4} {v:>8} {row['median_ms']:9.1f} ms (min "
+              f"{row['min_ms']:8.1f})  x torch {row['speedup_vs_torch']:5.2f}  saved "
+              f"{row['saved_MiB']:7.1f} MiB  other {other:8.1f} ms", flush=True)
+    return rows
+
+
+def geomean(v: list[float]) -> float:
+    return math.exp(sum(math.log(a) for a in v) / len(v)) if v else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--layouts", nargs="+", default=["nchw", "nhwc"], choices=["nchw", "nhwc"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--compile", action="store_true", help="also torch.compile PyTorch's model")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if "torch" not in args.variants:
+        args.variants = ["torch", *args.variants]
+    print(f"threads={torch.get_num_threads()} batch={args.batch} size={args.size} "
+          f"rounds={args.rounds} load={os.getloadavg()[0]:.2f}")
+    rows = []
+    for name in args.models:
+        for layout in args.layouts:
+            rows += run_model(name, layout, args)
+    summary = {}
+    for v in args.variants + (["compile"] if args.compile else []):
+        if v == "torch":
+            continue
+        sp = [r["speedup_vs_torch"] for r in rows if r["variant"] == v]
+        summary[f"{v}_geomean_speedup"] = geomean(sp)
+        summary[f"{v}_min_speedup"] = min(sp) if sp else float("nan")
+        ratios = []
+        for r in rows:
+            if r["variant"] != v or math.isnan(r["other_ms"]):
+                continue
+            t = next(q for q in rows if q["variant"] == "torch" and q["model"] == r["model"]
+                     and q["layout"] == r["layout"])
+            ratios.append(r["other_ms"] / t["other_ms"])
+        if ratios:
+            summary[f"{v}_other_time_ratio_geomean"] = geomean(ratios)
+    print(json.dumps(summary, indent=1))
+    out = {
+        "command": "python benchmarks/models.py " + " ".join(sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "torchvision": torchvision().__version__,
+                    "torch_threads": torch.get_num_threads()},
+        "batch": args.batch, "size": args.size, "rounds": args.rounds, "dtype": "float32",
+        "loadavg_after": os.getloadavg()[0], "summary": summary, "rows": rows,
+    }
+    path = Path(args.out) if args.out else Path(__file__).parent / "results" / "models.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
