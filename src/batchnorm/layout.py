@@ -32,11 +32,15 @@ class Layout:
     """How a user tensor of ``shape`` maps to its canonical form (``kind``: ``"nc"``,
     ``"first"`` or ``"last"``); tensors of the same shape go back and forth through it."""
 
-    __slots__ = ("kind", "shape", "strides")
+    __slots__ = ("kind", "shape")
 
     def __init__(self, kind: str, shape: tuple[int, ...]) -> None:
         self.kind, self.shape = kind, shape
-        self.strides = _strides(kind, shape)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """The strides of a dense tensor of the user's shape in this layout's memory order."""
+        return _strides(self.kind, self.shape)
 
     def canonical(self, t: Tensor) -> Tensor:
         """``t`` (the user's shape, any memory format) in this canonical form; a copy only when

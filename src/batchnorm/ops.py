@@ -314,8 +314,9 @@ class _EagerForward(torch.autograd.Function):
 class _EagerForwardCtx(torch.autograd.Function):
     """:class:`_EagerForward` in the ``forward(ctx, ...)`` style, used when no ``torch.func``
     transform is active: ``Function.apply`` binds a ``setup_context``-style forward's arguments
-    through ``inspect.signature`` on every call (~12 µs, as much as a small kernel). Its last
-    input is the :class:`RunningUpdate` to fold in, or ``None``.
+    through ``inspect.signature`` on every call (~12 µs, as much as a small kernel). Its inputs
+    are the four differentiable ones and one tuple of the rest, ending with the
+    :class:`RunningUpdate` to fold in (or ``None``): ``apply`` inspects every argument.
 
     The per-call work is kept to what the math needs (a small layer's kernels take less time
     than the autograd machinery around them): the backend chosen in the forward is kept for the
@@ -323,7 +324,8 @@ class _EagerForwardCtx(torch.autograd.Function):
     tensors (``set_materialize_grads(False)``)."""
 
     @staticmethod
-    def forward(ctx, *inputs):  # type: ignore[override]
+    def forward(ctx, x, weight, bias, residual, rest):  # type: ignore[override]
+        inputs = (x, weight, bias, residual, *rest)
         y, mean, rstd, var, ctx.backend = _run_forward(*inputs)
         out = (y, mean, rstd, var)
         _setup_forward(ctx, inputs[:-1], out)
@@ -333,10 +335,10 @@ class _EagerForwardCtx(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, *_stats):  # type: ignore[override]
         if grad_y is None:  # nothing reached y (the statistics outputs carry no gradient)
-            return (None,) * 11
+            return (None,) * 5
         grads = _backward_formula(ctx, grad_y, None, None, None,
                                   single_pass=functools.partial(run_backward, ctx.backend))
-        return (*grads, None)
+        return (*grads[:4], None)
 
 
 def forward(
@@ -387,7 +389,8 @@ def forward(
     if not torch.is_grad_enabled() or not any(
             t is not None and t.requires_grad for t in (x, weight, bias, residual)):
         return _run_forward(*args, running)[:4]  # nothing to differentiate: no node
-    return _EagerForwardCtx.apply(*args, running)  # type: ignore[no-any-return]
+    return _EagerForwardCtx.apply(  # type: ignore[no-any-return]
+        x, weight, bias, residual, (*args[4:], running))
 
 
 def _update_impl(
