@@ -68,13 +68,13 @@ def test_eval_mode_nan_input_touches_nothing():
 @pytest.mark.parametrize("bad", [False, True])
 def test_eager_cpu_update_equals_the_traced_op(cumulative, bad):
     """The NumPy fast path for eager CPU updates and the graph-safe op give identical state."""
-    from batchnorm import ops
+    from batchnorm import running
 
     mean, var = torch.randn(7), torch.rand(7) + 0.1
     if bad:
         var[3] = float("inf")
     states = []
-    for update in (ops._update_cpu, ops._update_impl):
+    for update in (running._update_cpu, running._update_impl):
         rm, rv = torch.randn(7), torch.rand(7) + 0.5
         rm.copy_(torch.arange(7.0))
         rv.fill_(2.0)
@@ -94,7 +94,7 @@ def test_eager_cpu_update_equals_the_traced_op(cumulative, bad):
 def test_backend_blend_running_equals_the_traced_op(name, running_dtype, stat_dtype, bad):
     """Every backend's eager CPU blend writes, bit for bit, what the graph-safe op writes, and
     nothing at all for a non-finite batch (the check comes before any write)."""
-    from batchnorm import kernels, ops
+    from batchnorm import kernels, running
 
     backend = kernels.get_backend(name)
     if backend is None:
@@ -108,7 +108,7 @@ def test_backend_blend_running_equals_the_traced_op(name, running_dtype, stat_dt
     rm, rv = rm0.clone(), rv0.clone()
     ok = backend.blend_running(rm.numpy(), rv.numpy(), mean.numpy(), var.numpy(), 0.3)
     em, ev = rm0.clone(), rv0.clone()
-    expected = ops._update_impl(em, ev, None, None, mean, var, 0.3, False)
+    expected = running._update_impl(em, ev, None, None, mean, var, 0.3, False)
     assert ok == bool(expected) == (bad is None)
     assert torch.equal(rm, em) and torch.equal(rv, ev)
     if bad is not None:
@@ -177,9 +177,9 @@ _FOLD_CASES = {
 def test_folded_update_equals_the_update_on_its_own(backend, monkeypatch, case, dtype,
                                                      momentum, bad):
     """Eager CPU training folds the running-statistics update into the forward's backend call
-    (``ops.running_update``); the state it leaves is, bit for bit, what the update run on its
+    (``running.fold_request``); the state it leaves is, bit for bit, what the update run on its
     own leaves: running statistics, both counters, the output and the gradients."""
-    from batchnorm import ops
+    from batchnorm import functional, running
 
     device = device_for(backend)
     shape, fmt = _FOLD_CASES[case]
@@ -189,7 +189,7 @@ def test_folded_update_equals_the_update_on_its_own(backend, monkeypatch, case, 
     dy = torch.randn(shape, dtype=dtype)
     cls = batchnorm.BatchNorm1d if len(shape) == 2 else batchnorm.BatchNorm2d
     requests = []
-    real = ops.running_update
+    real = running.fold_request
 
     def spy(*args):
         requests.append(real(*args))
@@ -197,7 +197,7 @@ def test_folded_update_equals_the_update_on_its_own(backend, monkeypatch, case, 
 
     results = []
     for fold in (True, False):
-        monkeypatch.setattr(ops, "running_update", spy if fold else lambda *args: None)
+        monkeypatch.setattr(functional, "fold_request", spy if fold else lambda *args: None)
         m = cls(shape[1], momentum=momentum, activation="relu", device=device, dtype=dtype)
         outs = []
         for i, b in enumerate(batches):

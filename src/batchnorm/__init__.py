@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from . import functional, kernels, stats
 from .activations import parse_activation
-from .functional import NonFiniteBatchWarning
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .running import NonFiniteBatchWarning
 from .tools import convert_model
 
 __version__ = "0.1.0"

@@ -31,9 +31,10 @@ from torch import Tensor
 from . import stats as S
 from ._errors import BatchNormValueError
 from .activations import ActivationSpec, parse_activation
-from .functional import check_arguments, update_running_statistics
+from .functional import check_arguments
 from .kernels import select
 from .layout import Layout, canonicalize
+from .running import update_running_statistics
 
 __all__ = ["is_distributed", "sync_batch_norm"]
 
@@ -204,29 +205,19 @@ class _SyncNorm(torch.autograd.Function):
         x, weight, bias, residual, mean, rstd = ctx.saved_tensors
         need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
         grad_y = ctx.layout.canonical(grad_y)
-        backend = select(x)
-        scale = S.scale_of(rstd, weight)
-        shift = None if bias is None else bias.to(mean.dtype)
-        args = (grad_y, x, mean, rstd, scale, shift, residual, ctx.act, ctx.slope)
-        sum_g = sum_gx = None
-        if need_dx or need_dw or need_db:
-            sum_g, sum_gx = backend.backward_reduce(*args)
-        a = b = None
-        if need_dx:
-            assert sum_g is not None and sum_gx is not None
+        group, total = ctx.group, ctx.total
+
+        def allreduce(sum_g: Tensor, sum_gx: Tensor) -> tuple[Tensor, Tensor, float]:
             c = sum_g.numel()
             packed = torch.cat([sum_g, sum_gx])
-            device = _collective_device(packed, ctx.group)
-            reduced = packed.to(device, copy=True)
-            dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=ctx.group)
+            reduced = packed.to(_collective_device(packed, group), copy=True)
+            dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
             reduced = reduced.to(packed.device)
-            n = max(ctx.total, 1.0)
-            a, b = reduced[:c] / n, reduced[c:] / n
-        dx = dres = None
-        if need_dx or need_dr:
-            dx, dres = backend.backward_apply(*args, a, b, bool(need_dx), bool(need_dr))
-        dw = sum_gx.to(weight.dtype) if need_dw and sum_gx is not None else None
-        db = sum_g.to(bias.dtype) if need_db and sum_g is not None else None
+            return reduced[:c], reduced[c:], total
+
+        dx, dw, db, dres = select(x).backward(
+            grad_y, x, weight, bias, residual, mean, rstd, True, ctx.act, ctx.slope,
+            bool(need_dx), bool(need_dw), bool(need_db), bool(need_dr), allreduce)
         if dres is not None and dres.data_ptr() == grad_y.data_ptr() and dres.numel():
             dres = dres.clone()
         return dx, dw, db, dres, None, None, None, None, None, None, None

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-import sys
-import warnings
 
 import torch
 from torch import Tensor
@@ -20,15 +17,18 @@ from . import ops
 from . import stats as S
 from ._errors import BatchNormTypeError, BatchNormValueError, describe
 from .activations import ActivationSpec, parse_activation
+from .running import (
+    NonFiniteBatchWarning,
+    finish_folded,
+    fold_request,
+    update_running_statistics,
+    warn_skipped,
+)
 
 __all__ = ["batch_norm", "NonFiniteBatchWarning"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
-
-
-class NonFiniteBatchWarning(RuntimeWarning):
-    """A batch's statistics were NaN or Inf, so the running statistics were left unchanged."""
 
 
 def batch_norm(
@@ -116,8 +116,8 @@ def batch_norm_impl(
     count = input.numel() // input.shape[1] if input.shape[1] else 0
     if update:
         assert running_mean is not None and running_var is not None
-        # eager CPU: the update rides on the forward's backend call (see ops.running_update)
-        running = ops.running_update(running_mean, running_var, num_batches_tracked,
+        # eager CPU: the update rides on the forward's backend call (see running.py)
+        running = fold_request(running_mean, running_var, num_batches_tracked,
                                      0.0 if momentum is None else float(momentum),
                                      momentum is None, count)
     y, mean, _rstd, var = ops.forward(
@@ -127,7 +127,7 @@ def batch_norm_impl(
     )
     if update:
         assert running_mean is not None and running_var is not None
-        ok = ops.finish_running_update(running, running_mean, running_var, num_batches_tracked,
+        ok = finish_folded(running, running_mean, running_var, num_batches_tracked,
                                        num_batches_skipped)
         if ok is None:  # not folded: the update on its own
             update_running_statistics(
@@ -136,7 +136,7 @@ def batch_norm_impl(
                 num_batches_skipped=num_batches_skipped, layer_name=layer_name,
             )
         elif not ok:
-            _warn_skipped(layer_name, num_batches_skipped)
+            warn_skipped(layer_name, num_batches_skipped)
     return y
 
 
@@ -149,65 +149,6 @@ def _vmapped(t: object) -> bool:
             return True
         t = _functorch.get_unwrapped(t)
     return False
-
-
-def update_running_statistics(
-    running_mean: Tensor,
-    running_var: Tensor,
-    mean: Tensor,
-    var_unbiased: Tensor,
-    momentum: float | None,
-    *,
-    count: int | None = None,
-    num_batches_tracked: Tensor | None = None,
-    num_batches_skipped: Tensor | None = None,
-    layer_name: str | None = None,
-) -> None:
-    """The running-statistics policy every layer shares (plain, distributed, variants).
-
-    Blends a batch's ``mean`` and unbiased variance in with ``momentum`` (``None``: cumulative
-    average over ``num_batches_tracked``); a batch whose statistics are not finite changes
-    nothing but ``num_batches_skipped``, and is reported right away on the CPU (where reading
-    the flag costs no device synchronization). An empty batch (``count == 0``) carries no
-    statistics: the running ones stay, and it is counted as tracked, as PyTorch counts it.
-    """
-    if count == 0:
-        if num_batches_tracked is not None:
-            num_batches_tracked.add_(1)
-        return
-    ok = ops.update_running_stats(
-        running_mean, running_var, num_batches_tracked, num_batches_skipped, mean, var_unbiased,
-        0.0 if momentum is None else float(momentum), momentum is None,
-    )
-    if running_mean.device.type == "cpu" and not torch.compiler.is_compiling() \
-            and not torch._C._are_functorch_transforms_active() and not ok:
-        _warn_skipped(layer_name, num_batches_skipped)
-
-
-def _warn_skipped(layer_name: str | None, skipped: Tensor | None) -> None:
-    so_far = "" if skipped is None else f" ({int(skipped)} skipped so far)"
-    warnings.warn(
-        f"{layer_name or 'batch_norm'}: batch statistics are not finite (NaN or Inf in the "
-        f"input); running statistics and num_batches_tracked were left unchanged{so_far}",
-        NonFiniteBatchWarning,
-        stacklevel=_caller_level(),
-    )
-
-
-_INTERNAL = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
-             os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` that makes a warning raised by the caller of this function name the
-    first frame outside this package and torch (the user's call of a layer or function, however
-    deep the layers in between)."""
-    frame = sys._getframe(1)  # the frame that calls warnings.warn: stacklevel 1
-    level = 1
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
-        frame = frame.f_back  # type: ignore[assignment]
-        level += 1
-    return level
 
 
 # --------------------------------------------------------------------------------------------

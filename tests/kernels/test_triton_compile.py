@@ -1,4 +1,4 @@
-"""The Triton backend as ``torch.library.triton_op`` operators (``kernels/triton_ops.py``).
+"""The Triton backend as ``torch.library.triton_op`` operators (``ops/triton_op.py``).
 
 ``batchnorm::triton_forward``/``batchnorm::triton_backward`` must (a) compute exactly what the
 Triton backend computes (bitwise: the same kernels on the same plan) and what PyTorch computes
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from batchnorm import kernels, ops  # noqa: E402
+from batchnorm import kernels  # noqa: E402
 from batchnorm import stats as S  # noqa: E402
 from tests.conftest import device_for  # noqa: E402
 
@@ -36,9 +36,10 @@ from torch._functorch.aot_autograd import aot_module_simplified  # noqa: E402
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from batchnorm.kernels import triton_ops as TO  # noqa: E402
 from batchnorm.kernels.triton import BACKEND as TRITON  # noqa: E402
 from batchnorm.kernels.triton import TritonBackend  # noqa: E402
+from batchnorm.ops import library  # noqa: E402
+from batchnorm.ops import triton_op as TO  # noqa: E402
 
 DEVICE = device_for("triton")
 INTERPRETED = DEVICE.type == "cpu"
@@ -176,7 +177,7 @@ def test_backward_matches_backend_torch_and_generic_op(strategy, layout, trainin
     # the generic custom op on the same backend: the same kernels, bitwise
     monkeypatch.setenv(kernels.ENV_VAR, "triton")
     assert kernels.select(x) is TRITON
-    for g, e in zip(got, _grads(ops.forward_op(*args)[0], wrt, dy), strict=True):
+    for g, e in zip(got, _grads(library.forward_op(*args)[0], wrt, dy), strict=True):
         _equal(g, e)
     # the backward op against the backend's backward
     with torch.no_grad():
@@ -191,7 +192,7 @@ def test_backward_matches_backend_torch_and_generic_op(strategy, layout, trainin
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_double_backward_matches_generic_op(training, monkeypatch):
     """create_graph=True goes through the same differentiable recomputation as the generic
-    op (``ops._backward_formula``), so every second derivative is the generic op's."""
+    op (``library.backward_formula``), so every second derivative is the generic op's."""
     monkeypatch.setenv(kernels.ENV_VAR, "triton")
     args = _inputs("first", "relu+residual", training, grad=True)
     x, w, b, r, *_ = args
@@ -203,7 +204,7 @@ def test_double_backward_matches_generic_op(training, monkeypatch):
         return torch.autograd.grad(gx.square().sum() + gw.square().sum(), (x, w, b, r))
 
     got = second(TO.triton_forward_op)
-    for g, e in zip(got, second(ops.forward_op), strict=True):
+    for g, e in zip(got, second(library.forward_op), strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
     assert got[0].abs().sum() > 0 and got[1].abs().sum() > 0  # (b: 0 through relu's kink)
 
@@ -388,7 +389,7 @@ def test_generic_op_stays_opaque(monkeypatch):
 
     @torch.compile(backend=recorder, fullgraph=True)
     def f(x, w, b, r):
-        return ops.forward_op(x, w, b, r, None, None, True, EPS, "relu", SLOPE)
+        return library.forward_op(x, w, b, r, None, None, True, EPS, "relu", SLOPE)
 
     y, _ = _train_step(lambda *a: f(*a[:4]), args, torch.randn_like(args[0]))
     fw_kernels, fw_ops = _graph_summary(recorder.graphs[0])
@@ -416,17 +417,17 @@ def test_inductor():
 
 # --------------------------------------------------------------------------------------------
 # The routing of ``ops.forward`` under torch.compile, without its ``x.device.type == "cuda"``
-# condition (Inductor cannot compile interpreter kernels, so ops.py routes only CUDA tensors),
-# so that the routing itself, with ops.py's ``_backends_loaded``, is exercised on CPU tensors.
+# condition (Inductor cannot compile interpreter kernels, so ops/ routes only CUDA tensors),
+# so that the routing itself, with ``library.backends_loaded``, is exercised on CPU tensors.
 
 
 def _routed_forward(*args):
     x = args[0]
     if torch.compiler.is_compiling():
-        if ops._backends_loaded(x.device.type) and kernels.select(x).name == "triton":
-            from batchnorm.kernels.triton_ops import triton_forward_op
+        if library.backends_loaded(x.device.type) and kernels.select(x).name == "triton":
+            from batchnorm.ops.triton_op import triton_forward_op
             return triton_forward_op(*args)
-        return ops.forward_op(*args)
+        return library.forward_op(*args)
     raise AssertionError("only called compiled here")
 
 
@@ -451,13 +452,13 @@ def test_routing_traces_without_graph_break_from_a_cold_cache(forced, monkeypatc
 
 
 def test_backends_loaded_carries_torchs_constant_result_mark():
-    """ops.py marks ``_backends_loaded`` by hand (the decorator would import Dynamo at import
+    """ops/library.py marks ``backends_loaded`` by hand (the decorator would import Dynamo at import
     time); the mark must be exactly what ``torch.compiler.assume_constant_result`` sets."""
 
     def fresh() -> None: ...
 
     marked = torch.compiler.assume_constant_result(fresh)
     added = {k: v for k, v in vars(marked).items()}
-    assert added and all(getattr(ops._backends_loaded, k, object()) == v
+    assert added and all(getattr(library.backends_loaded, k, object()) == v
                          for k, v in added.items())
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import BatchNorm1d, BatchNorm2d
-from ..functional import NonFiniteBatchWarning
+from ..running import NonFiniteBatchWarning
 from .data import Dataset
 
 __all__ = ["History", "accuracy", "batches", "cnn", "mlp", "seed_all", "train"]

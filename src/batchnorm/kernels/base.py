@@ -27,6 +27,7 @@ and ``backward_apply``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import numpy as np
 from torch import Tensor
@@ -53,6 +54,10 @@ class RunningUpdate:
         self.mean, self.var, self.factor = mean, var, factor
         self.bessel = S.bessel(count)
         self.ok: bool | None = None
+
+
+#: ``(Σg, Σg·x̂) -> (their sums over every process, the global count)`` (SyncBatchNorm)
+AllReduce = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, float]]
 
 
 class Backend(ABC):
@@ -142,12 +147,18 @@ class Backend(ABC):
         self, grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
         residual: Tensor | None, mean: Tensor, rstd: Tensor, training: bool, act: str,
         slope: float, need_dx: bool, need_dweight: bool, need_dbias: bool, need_dres: bool,
+        allreduce: AllReduce | None = None,
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-        """``(dx, dweight, dbias, dresidual)``; entries not needed may be ``None``."""
+        """``(dx, dweight, dbias, dresidual)``; entries not needed may be ``None``.
+
+        ``allreduce`` (SyncBatchNorm): the statistics span several processes, so ``dx`` needs
+        the sums of all of them: ``allreduce(Σg, Σg·x̂)`` returns them with the global count.
+        ``dweight``/``dbias`` stay the local sums (data parallelism reduces parameter gradients
+        itself). A fast backend's single-pass override hands such calls to this one."""
         scale = S.scale_of(rstd, weight)
         shift = None if bias is None else bias.to(mean.dtype)
         c = x.shape[1]
-        n = x.numel() // c if c else 0
+        n: float = x.numel() // c if c else 0
         need_sums = training and need_dx or need_dweight or need_dbias
         sum_g = sum_gx = None
         if need_sums:
@@ -157,7 +168,10 @@ class Backend(ABC):
         a = b = None
         if training and need_dx:
             assert sum_g is not None and sum_gx is not None
-            a, b = sum_g / max(n, 1), sum_gx / max(n, 1)
+            total_g, total_gx = sum_g, sum_gx
+            if allreduce is not None:
+                total_g, total_gx, n = allreduce(sum_g, sum_gx)
+            a, b = total_g / max(n, 1), total_gx / max(n, 1)
         dx, dres = (None, None)
         if need_dx or need_dres:
             dx, dres = self.backward_apply(

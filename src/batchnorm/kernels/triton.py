@@ -506,7 +506,7 @@ class TritonBackend(Backend):
         """What a launch indexes with its grid: ``self._launch(kernel)[grid](...)``.
 
         The kernel itself here. The ``torch.library.triton_op`` wrappers
-        (:mod:`batchnorm.kernels.triton_ops`) run a subclass that returns
+        (:mod:`batchnorm.ops.triton_op`) run a subclass that returns
         ``torch.library.wrap_triton(kernel)`` so that ``torch.compile`` sees every launch."""
         return kernel
 
@@ -646,7 +646,11 @@ class TritonBackend(Backend):
         return self._apply(x, mean, None, rstd, weight, bias, residual, act, slope)
 
     def backward(self, grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
-                 need_dx, need_dweight, need_dbias, need_dres):
+                 need_dx, need_dweight, need_dbias, need_dres, allreduce=None):
+        if allreduce is not None:  # the sums leave the process between the two passes
+            return super().backward(grad_y, x, weight, bias, residual, mean, rstd, training, act,
+                                    slope, need_dx, need_dweight, need_dbias, need_dres,
+                                    allreduce)
         grad_y = grad_y.contiguous()
         dweight = torch.empty_like(weight) if need_dweight and weight is not None else None
         dbias = torch.empty_like(bias) if need_dbias and bias is not None else None

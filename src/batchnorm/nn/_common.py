@@ -3,8 +3,8 @@ checks of the variants' extra constructor arguments, and the all-or-nothing modu
 converters (convert_model, convert_sync_batchnorm, freeze/unfreeze) walk models with.
 
 The variants that compute their own batch statistics (ghost, masked) hand them here; the update
-itself is :func:`batchnorm.ops.update_running_stats` (with its non-finite skip): no statistics
-math lives in this file.
+itself is :func:`batchnorm.running.update_running_statistics` (with its non-finite skip): no
+statistics math lives in this file.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..functional import update_running_statistics
+from ..running import update_running_statistics
 
 
 def swap_modules(model: nn.Module,
@@ -48,7 +48,7 @@ def swap_modules(model: nn.Module,
     return model
 
 
-def update_running(module: _BatchNorm, mean: Tensor, var_unbiased: Tensor) -> None:
+def update_from_batch(module: _BatchNorm, mean: Tensor, var_unbiased: Tensor) -> None:
     """Blend a batch's ``mean`` and unbiased variance into ``module``'s running statistics, as
     :func:`batchnorm.functional.batch_norm_impl` does for plain BN."""
     running_mean, running_var = module.running_mean, module.running_var

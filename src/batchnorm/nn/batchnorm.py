@@ -19,7 +19,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._errors import BatchNormValueError, describe
 from ..activations import ActivationSpec, parse_activation, spec_of
-from ..functional import NonFiniteBatchWarning, batch_norm_impl
+from ..functional import batch_norm_impl
+from ..running import NonFiniteBatchWarning
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 

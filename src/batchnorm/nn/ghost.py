@@ -31,7 +31,7 @@ from .. import ops
 from .. import stats as S
 from ..activations import ActivationSpec, parse_activation
 from ..functional import check_arguments
-from ._common import check_int, update_running
+from ._common import check_int, update_from_batch
 from .batchnorm import _BatchNormBase
 
 __all__ = ["GhostBatchNorm1d", "GhostBatchNorm2d", "GhostBatchNorm3d"]
@@ -96,7 +96,7 @@ class _GhostBatchNorm(_BatchNormBase):
                 torch.cat([p.m2 for p in partials]),
             ))
             mean, var, _ = S.finalize(merged, self.eps)
-            update_running(self, mean, S.unbiased_var(var, n * spatial))
+            update_from_batch(self, mean, S.unbiased_var(var, n * spatial))
         return out
 
     def _grouped(self, x: Tensor, k: int, residual: Tensor | None) -> tuple[Tensor, S.Partials]:

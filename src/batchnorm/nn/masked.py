@@ -32,7 +32,7 @@ from .. import stats as S
 from .._errors import describe
 from ..activations import ActivationSpec, act_forward, parse_activation
 from ..functional import check_arguments
-from ._common import update_running
+from ._common import update_from_batch
 from .batchnorm import _BatchNormBase
 
 __all__ = ["MaskedBatchNorm1d"]
@@ -113,7 +113,7 @@ class MaskedBatchNorm1d(_BatchNormBase, torch.nn.BatchNorm1d):
             total = count.sum()
             empty = total == 0
             # An all-padding batch has no statistics: blend the running ones into themselves.
-            update_running(self, torch.where(empty, self.running_mean.to(acc), mean),
+            update_from_batch(self, torch.where(empty, self.running_mean.to(acc), mean),
                            torch.where(empty, self.running_var.to(acc),
                                        S.unbiased_var(var, total)))
         return y.to(input.dtype)

@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import stats as S
-from ..functional import NonFiniteBatchWarning
 from ..layout import canonicalize
+from ..running import NonFiniteBatchWarning
 
 __all__ = ["recalibrate"]
 

@@ -322,7 +322,11 @@ class CpuBackend(Backend):
         return self.apply(x, mean, S.scale_of(rstd, weight), bias, residual, act, slope)
 
     def backward(self, grad_y, x, weight, bias, residual, mean, rstd, training, act, slope,
-                 need_dx, need_dweight, need_dbias, need_dres):
+                 need_dx, need_dweight, need_dbias, need_dres, allreduce=None):
+        if allreduce is not None:  # the sums leave the process between the two passes
+            return super().backward(grad_y, x, weight, bias, residual, mean, rstd, training, act,
+                                    slope, need_dx, need_dweight, need_dbias, need_dres,
+                                    allreduce)
         args = _Args(x, residual, act, slope)
         dt = args.dt
         mf, rf = _acc(mean, dt), _acc(rstd, dt)

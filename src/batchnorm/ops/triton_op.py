@@ -8,11 +8,11 @@ nodes (one per launch, next to the ``empty`` allocations), which Inductor compil
 schedules with the rest of the graph; in eager they run the kernels directly.
 
 - ``batchnorm::triton_forward`` — ``(y, mean, rstd, var)`` as ``batchnorm::forward``,
-  differentiable with the same formula (``ops._backward_formula``: single pass through
+  differentiable with the same formula (``library.backward_formula``: single pass through
   ``batchnorm::triton_backward``, or the differentiable recomputation under ``create_graph``).
 - ``batchnorm::triton_backward`` — as ``batchnorm::backward``.
 
-Use: ``ops.forward``, under ``torch.compiler.is_compiling()``, calls ``triton_forward_op``
+Use: ``ops.forward``, under ``torch.compiler.is_compiling()``, calls :func:`forward`
 instead of ``batchnorm::forward`` for a CUDA tensor :func:`batchnorm.kernels.select` gives the
 Triton backend; its autograd formula then calls ``triton_backward_op``. This module imports
 Triton, so it is imported only there (``import batchnorm`` never imports it).
@@ -36,11 +36,12 @@ from torch import Tensor
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
 
-from .. import ops
-from . import get_backend
-from . import triton as _tb
+from ..kernels import get_backend
+from ..kernels import triton as _tb
+from ..layout import canonicalize
+from . import library as L
 
-__all__ = ["triton_forward_op", "triton_backward_op", "KERNELS"]
+__all__ = ["forward", "triton_forward_op", "triton_backward_op", "KERNELS"]
 
 #: Every kernel the ops launch (for ``torch.compile``'s cache key, see the end of the module).
 KERNELS = (
@@ -122,8 +123,8 @@ def triton_forward_op(
     act: str,
     slope: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``batchnorm::forward`` (``ops._forward_impl``) with the Triton kernels traceable."""
-    return ops.run_forward(_backend(x), x, weight, bias, residual, running_mean, running_var,
+    """``batchnorm::forward`` on canonical tensors with the Triton kernels traceable."""
+    return L.forward_canonical(_backend(x), x, weight, bias, residual, running_mean, running_var,
                            training, eps, act, slope)
 
 
@@ -146,16 +147,16 @@ def triton_backward_op(
 
 # The fake kernels of the generic ops (the same metadata), rather than triton_op's default of
 # tracing the body: cheaper, and independent of how the kernels are launched.
-triton_forward_op.register_fake(ops._forward_fake)
-triton_backward_op.register_fake(ops._backward_fake)
+triton_forward_op.register_fake(L.forward_fake)
+triton_backward_op.register_fake(L.backward_fake)
 
 
 def _backward(ctx, grad_y, gmean, grstd, gvar):
-    return ops._backward_formula(ctx, grad_y, gmean, grstd, gvar,
+    return L.backward_formula(ctx, grad_y, gmean, grstd, gvar,
                                  single_pass=triton_backward_op)
 
 
-triton_forward_op.register_autograd(_backward, setup_context=ops._setup_forward)
+triton_forward_op.register_autograd(_backward, setup_context=L.setup_forward)
 
 # triton_op finds the kernels of an op by reading its source for ``wrap_triton(name)`` calls;
 # these launches are inside the backend's methods, so name them. torch.compile's AOTAutograd
@@ -166,3 +167,17 @@ if isinstance(_kernel_table, dict):
     for _name in ("batchnorm::triton_forward", "batchnorm::triton_backward"):
         _kernel_table[_name] = [_launchable(k) for k in KERNELS]
 
+
+
+def forward(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None, training: bool, eps: float,
+    act: str, slope: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`triton_forward_op` on the canonical views of user-shaped tensors. Under tracing
+    the view of the result back in the user's shape is functionalized like any other."""
+    xc, lay = canonicalize(x)
+    rc = None if residual is None else lay.canonical(residual)
+    y, mean, rstd, var = triton_forward_op(xc, weight, bias, rc, running_mean, running_var,
+                                           training, eps, act, slope)
+    return lay.restore_view(y), mean, rstd, var
