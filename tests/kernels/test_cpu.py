@@ -194,10 +194,12 @@ def test_need_flags_and_no_affine():
                          ids=["dx", "dres", "dx+dres"])
 @pytest.mark.parametrize("act", ["none", "relu", "silu"])
 @pytest.mark.parametrize("residual", [False, True])
-@pytest.mark.parametrize("shape", [(3, 5), (301, 37), (5001, 17)], ids=["tiny", "odd", "threads"])
+@pytest.mark.parametrize("shape", [(3, 5), (301, 37), (5001, 17), (8000, 16), (6001, 24)],
+                         ids=["tiny", "odd", "threads", "super-rows", "odd super-rows"])
 def test_channels_last_backward_flags(shape, residual, act, need):
     """Every (dx, dres) combination through the channels-last backward, whose none/relu paths
-    take two rows at a time (odd row counts end in the general one-row loop)."""
+    take two rows at a time (odd row counts end in the general one-row loop), and narrow
+    tensors whose rows are taken several at a time (``super_rows``)."""
     x, w, b, r = _inputs(shape, torch.float32, residual)
     _y, mean, rstd, _var = REF.forward_train(x, w, b, r, 1e-5, act, SLOPE)
     dy = torch.randn(shape)
@@ -214,8 +216,9 @@ def test_channels_last_backward_flags(shape, residual, act, need):
             _close(g, e, torch.float32, scale=20 * max(1.0, n ** 0.5))
 
 
-@pytest.mark.parametrize("shape", [(16, 5, 4001), (8, 64, 49), (32, 64, 49), (5003, 64)],
-                         ids=["split", "fused", "lanes", "nc"])
+@pytest.mark.parametrize("shape", [(16, 5, 4001), (8, 64, 49), (32, 64, 49), (5003, 64),
+                                   (8000, 16)],
+                         ids=["split", "fused", "lanes", "nc", "super-rows"])
 def test_deterministic_bitwise(shape):
     x, w, b, r = _inputs(shape, torch.float32, residual=True)
     dy = torch.randn(shape)
@@ -377,3 +380,22 @@ def test_importing_batchnorm_does_not_import_numba():
     code = "import sys, batchnorm; print('numba' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("shape, g", [((8000, 16), 4), ((6000, 24), 3), ((6001, 24), 1),
+                                      ((4000, 64), 1), ((100, 16), 1)])
+def test_super_rows_choice_and_agreement(shape, g, monkeypatch):
+    """Narrow channels-last tensors run their backward ``g`` rows at a time; the result agrees
+    with the row-at-a-time kernels to the rounding of a different summation order."""
+    from batchnorm.kernels import cpu as cpu_module
+
+    assert cpu_module.super_rows(*shape) == g
+    x, w, b, r = _inputs(shape, torch.float64, residual=True)
+    _y, mean, rstd, _var = REF.forward_train(x, w, b, r, 1e-5, "relu", 0.0)
+    dy = torch.randn(shape, dtype=torch.float64)
+    args = (dy, x, w, b, r, mean, rstd, True, "relu", 0.0, True, True, True, True)
+    grouped = CPU.backward(*args)
+    monkeypatch.setattr(cpu_module, "super_rows", lambda m, c: 1)
+    plain = CPU.backward(*args)
+    for a, e in zip(grouped, plain, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)

@@ -124,6 +124,22 @@ def nchw_chunks(c: int, ns: int, threads: int) -> int:
     return max(1, min(math.ceil(_CHANNELS_PER_THREAD * threads / c), ns // _MIN_CHUNK))
 
 
+#: channels-last tensors narrower than this many channels run their backward ``g`` rows at a
+#: time (:func:`super_rows`), from :data:`SERIAL_ELEMENTS_LAST` elements up
+_SUPER_ROW_WIDTH = 64
+
+
+@functools.lru_cache(maxsize=256)
+def super_rows(m: int, c: int) -> int:
+    """Rows per super-row for a channels-last ``(m, c)`` backward: the smallest ``g`` with
+    ``g·c >= 64`` that divides ``m`` (and no more than twice that), or 1 (a function of the
+    shape only, as the results are)."""
+    if c >= _SUPER_ROW_WIDTH or m * c < SERIAL_ELEMENTS_LAST:
+        return 1
+    least = -(-_SUPER_ROW_WIDTH // c)
+    return next((g for g in range(least, 2 * least + 1) if m % g == 0), 1)
+
+
 @functools.lru_cache(maxsize=256)
 def nhwc_blocks(m: int, c: int, threads: int) -> int:
     """Row blocks for channels-last input (a function of the shape and threads only): blocks
@@ -218,11 +234,48 @@ class _Args:
             K.nchw_backward(dy, self.x, self.r, self.has_res, self.n, c, self.s, p, mean, rstd,
                             scale, shift, self.code, self.slope, training, need_sums, need_dx,
                             need_dres, dx, dres, sg, sgx, tg, tgx)
+        elif (g := super_rows(self.m, c)) > 1:
+            self._backward_super_rows(g, dy, mean, rstd, scale, shift, training, need_sums,
+                                      need_dx, need_dres, dx, dres, sg, sgx)
         else:
             K.nhwc_backward(dy, self.x, self.r, self.has_res, self.m, c, p, mean, rstd, scale,
                             shift, self.code, self.slope, training, need_sums, need_dx,
                             need_dres, dx, dres, sg, sgx, tg, tgx)
         return sg, sgx
+
+    def _backward_super_rows(self, g: int, dy: np.ndarray, mean: np.ndarray, rstd: np.ndarray,
+                             scale: np.ndarray, shift: np.ndarray, training: bool,
+                             need_sums: bool, need_dx: bool, need_dres: bool, dx: np.ndarray,
+                             dres: np.ndarray, sg: np.ndarray, sgx: np.ndarray) -> None:
+        """The channels-last backward of a narrow tensor, ``g`` rows at a time: ``(M, C)`` is
+        viewed as ``(M/g, g·C)`` with the per-channel vectors repeated ``g`` times, so each
+        row the kernels sweep is ``g·C`` long (a ``C = 16`` row is one vector: the per-row
+        bookkeeping, not the arithmetic, set the speed). The ``g`` groups of a channel are
+        summed in float64 in a fixed order between the sums pass and the ``dx`` pass (two
+        dispatches instead of one)."""
+        c, m, dt = self.c, self.m // g, self.dt
+        cg = c * g
+        p = nhwc_blocks(m, cg, self.threads)
+        mt, rt, st, ht = (np.tile(v, g) for v in (mean, rstd, scale, shift))
+        tot_g = tot_gx = np.zeros(c)
+        if need_sums:
+            tmp = np.empty((2, cg * p))
+            K.nhwc_backward(dy, self.x, self.r, self.has_res, m, cg, p, mt, rt, st, ht,
+                            self.code, self.slope, False, True, False, False, dx, dres,
+                            np.empty(cg, dtype=dt), np.empty(cg, dtype=dt), tmp[0], tmp[1])
+            tot_g = tmp[0].reshape(p * g, c).sum(axis=0)  # (block, group) rows, fixed order
+            tot_gx = tmp[1].reshape(p * g, c).sum(axis=0)
+            sg[:] = tot_g
+            sgx[:] = tot_gx * rstd
+        if need_dx or need_dres:
+            a = np.zeros(c, dtype=dt)
+            b = np.zeros(c, dtype=dt)
+            if training:  # as nhwc_backward: a = Σg/M, b = (Σg·x̂)/M in the tensor's dtype
+                a[:] = tot_g / self.m
+                b[:] = sgx / self.m
+            K.nhwc_backward_apply(dy, self.x, self.r, self.has_res, m, cg, p, mt, rt, st, ht,
+                                  np.tile(a, g), np.tile(b, g), self.code, self.slope, need_dx,
+                                  need_dres, dx, dres)
 
 
 class CpuBackend(Backend):
