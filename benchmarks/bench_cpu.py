@@ -5,14 +5,19 @@
     python benchmarks/bench_cpu.py --compile        # add torch.compile of the eager function
     python benchmarks/bench_cpu.py --overhead       # per-call overhead: small 2-D fwd+bwd only
 
-float32, training. Ops: BN, BN+ReLU, BN+Add+ReLU; modes: forward (``fwd``) and forward+backward
+float32, training. Ops: BN, BN+ReLU, BN+Add+ReLU (ours fused), and BN followed by the user's own
+``nn.ReLU()`` / ``nn.ReLU(inplace=True)`` module (``bn_then_relu``/``bn_then_relu_``: ours
+unfused, the path a converted model takes); modes: forward (``fwd``) and forward+backward
 (``fwdbwd``). Every case times ours and the peers in the same process, interleaved (one call of each
 per round), and reports median and min. ``copy`` is ``dst.copy_(x)`` into a preallocated tensor:
 the bandwidth bound. Effective bandwidth counts the minimum traffic (forward: x in, y out = 2
 tensors, +1 for the residual; forward+backward: 5 tensors, +2 with a residual) and is reported as
-a fraction of the copy bandwidth. Both sides allocate their outputs fresh on every call (the same
-allocation regime). Numba's first-call compile time is measured in a subprocess with an empty
-cache directory.
+a fraction of the copy bandwidth. ``bound`` is the fraction of the copy-speed bound for the traffic
+our algorithm must move (``docs/decisions.md``, "What the copy bound allows on channels-last"):
+channels-first as the minimum, channels-last reads ``x`` twice in each direction (forward 3
+tensors, forward+backward 8, +1/+2 with a residual). Both sides allocate their outputs fresh on
+every call (the same allocation regime). Numba's first-call compile time is measured in a
+subprocess with an empty cache directory.
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ SHAPES_4D = [
     (32, 512, 28, 28), (32, 1024, 14, 14), (32, 2048, 7, 7),
 ]
 SHAPE_2D = (256, 1024)
-OPS = ("bn", "bn_relu", "bn_add_relu")
+OPS = ("bn", "bn_relu", "bn_add_relu", "bn_then_relu", "bn_then_relu_")
+KERNEL_OPS = ("bn", "bn_relu", "bn_add_relu")
 LARGE = {(32, 64, 112, 112), (32, 256, 56, 56), (32, 512, 28, 28), (32, 64, 56, 56)}
 
 
@@ -71,13 +77,19 @@ def make_case(shape, layout, op, mode, impl):
             r.requires_grad_(True)
     dy = torch.randn(shape).to(memory_format=fmt) if bwd else None
 
+    module = torch.nn.ReLU(inplace=op == "bn_then_relu_")
+
     def eager(x, r):
         y = F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+        if op.startswith("bn_then"):
+            return module(y)
         if r is not None:
             y = y + r
         return F.relu(y) if op != "bn" else y
 
     def ours(x, r):
+        if op.startswith("bn_then"):
+            return module(BF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5))
         act = None if op == "bn" else "relu"
         return BF.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5, activation=act, residual=r)
 
@@ -196,7 +208,8 @@ def main() -> None:
     backend = select(probe).name
     rows = []
     header = (f"{'shape':>20} {'lay':>4} {'op':>11} {'mode':>6} {'ours ms':>8} {'eager ms':>8} "
-              f"{'x eager':>7} {'bw/copy':>7}" + (f" {'x comp':>6}" if args.compile else ""))
+              f"{'x eager':>7} {'bw/copy':>7} {'bound':>5}"
+              + (f" {'x comp':>6}" if args.compile else ""))
     print(f"backend={backend} threads={torch.get_num_threads()} load={load_before:.2f}")
     print(header)
     for shape, layout in cases:
@@ -209,12 +222,16 @@ def main() -> None:
                     (1 if mode == "fwd" else 2) if op == "bn_add_relu" else 0)
                 copy_bw = 2 * 4 * numel / (res["copy"]["median_ms"] * 1e-3)
                 ours_bw = tensors * 4 * numel / (res["ours"]["median_ms"] * 1e-3)
+                alg = tensors if layout != "nhwc" else (
+                    (3 if mode == "fwd" else 8) + (tensors - (2 if mode == "fwd" else 5)))
                 row = {
                     "shape": list(shape), "layout": layout, "op": op, "mode": mode,
                     "tensors_min_traffic": tensors, **{f"{k}": v for k, v in res.items()},
                     "speedup_vs_eager": res["eager"]["median_ms"] / res["ours"]["median_ms"],
                     "copy_GBps": copy_bw / 1e9, "ours_GBps": ours_bw / 1e9,
                     "bw_fraction_of_copy": ours_bw / copy_bw,
+                    "tensors_algorithm_traffic": alg,
+                    "bound_fraction": ours_bw / copy_bw * alg / tensors,
                 }
                 if args.compile:
                     row["speedup_vs_compile"] = (res["compile"]["median_ms"]
@@ -222,12 +239,20 @@ def main() -> None:
                 rows.append(row)
                 line = (f"{str(shape):>20} {layout:>4} {op:>11} {mode:>6} "
                         f"{res['ours']['median_ms']:8.2f} {res['eager']['median_ms']:8.2f} "
-                        f"{row['speedup_vs_eager']:7.2f} {row['bw_fraction_of_copy']:7.2f}")
+                        f"{row['speedup_vs_eager']:7.2f} {row['bw_fraction_of_copy']:7.2f} "
+                        f"{row['bound_fraction']:5.2f}")
                 if args.compile:
                     line += f" {row['speedup_vs_compile']:6.2f}"
                 print(line, flush=True)
                 del fns
-    summary = {}
+    summary = {
+        "min_speedup_all_cells": min(r["speedup_vs_eager"] for r in rows),
+        "bound_fraction_geomean_kernel_cells": geomean(
+            [r["bound_fraction"] for r in rows if r["op"] in KERNEL_OPS]),
+    }
+    for op in ("bn_then_relu", "bn_then_relu_"):
+        sp = [r["speedup_vs_eager"] for r in rows if r["op"] == op]
+        summary[f"{op}_min_speedup"] = min(sp) if sp else float("nan")
     for op in ("bn_relu",):
         for mode in ("fwd", "fwdbwd"):
             sp = [r["speedup_vs_eager"] for r in rows
