@@ -30,7 +30,7 @@ from batchnorm.experiments.verdict import (
     interval,
 )
 
-S, N, I = SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE
+S, N, I = SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE  # noqa: E741 (a table of three letters)
 
 
 @pytest.mark.parametrize("values, op, threshold, verdict, lean", [
@@ -126,7 +126,8 @@ def _verdict(module, m):
 
 def _speed(bn, plain):
     total = 1000
-    ratio = [0.0 if b is None else (total if p is None else p) / b for b, p in zip(bn, plain)]
+    ratio = [0.0 if b is None else (total if p is None else p) / b
+             for b, p in zip(bn, plain, strict=True)]
     return {"ratio": ratio, "steps_to_target_plain": plain}
 
 

@@ -12,10 +12,10 @@ an accuracy difference, a drift ratio), the comparison the claim predicts (``">=
 A check is **supported** only if the whole interval satisfies the comparison, **not supported**
 only if none of it does, and **inconclusive** otherwise; it *leans* the way the median over seeds
 falls. A check may carry an indifference zone (``fail_at``): then "not supported" needs the whole
-interval beyond that second bar, and the lean is taken halfway between the two. The comparisons are monotone, so "the whole interval" is "both ends". Several checks
-combine as: all supported → supported; all not supported → not supported; otherwise
-inconclusive, leaning supported only if every check leans supported (the claim is their
-conjunction).
+interval beyond that second bar, and the lean is taken halfway between the two. The comparisons
+are monotone, so "the whole interval" is "both ends". Several checks combine as: all supported →
+supported; all not supported → not supported; otherwise inconclusive, leaning supported only if
+every check leans supported (the claim is their conjunction).
 """
 
 from __future__ import annotations
