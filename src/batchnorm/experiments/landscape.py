@@ -1,4 +1,4 @@
-"""How the loss and its gradient vary along the gradient step (Santurkar et al. 2018, §3.1).
+"""How the loss and its gradient vary along the gradient step (Santurkar et al. 2018).
 
 At weights ``w`` with gradient ``g`` on a fixed batch, step to ``w - η·g`` for each ``η`` in a
 range and record the loss there and the distance of the new gradient from ``g``. A smooth

@@ -1,6 +1,6 @@
 """Noisy batch normalization: BN followed by noise whose distribution changes every step.
 
-Santurkar et al. 2018 ("How Does Batch Normalization Help Optimization?", §2.1) test whether BN
+Santurkar et al. 2018 ("How Does Batch Normalization Help Optimization?") test whether BN
 helps by reducing internal covariate shift: they perturb each activation of each sample after BN
 with i.i.d. noise drawn from a distribution of non-zero mean and non-unit variance that changes at
 every training step, so that every unit's input distribution keeps moving. Here, at each training

@@ -33,7 +33,8 @@ def _progress_factory(enabled: bool) -> Any:
 
 def _unavailable(module: Any, exc: ImportError) -> ClaimResult:
     return ClaimResult(module.NAME, module.TITLE, module.CLAIM, module.CRITERION, UNAVAILABLE,
-                       f"not measured: a component it needs did not import ({exc})", {})
+                       f"not measured: a component it needs did not import ({exc})", {},
+                       source=getattr(module, "SOURCE", {}), agreement="not measured")
 
 
 def set_threads(n: int) -> None:

@@ -109,7 +109,8 @@ SOURCES: dict[str, dict[str, str]] = {
     },
     "mechanism": {
         "reference": "Santurkar et al. 2018, \"How Does Batch Normalization Help "
-                     "Optimization?\", abstract and §2.1 (VGG on CIFAR-10)",
+                     "Optimization?\", abstract; its noise experiment on a VGG network as "
+                     "described in reading notes",
         "reported": "\"we demonstrate that such distributional stability of inputs has little "
                     "to do with the success of BatchNorm. Instead, we uncover a more fundamental "
                     "impact of BatchNorm on the training process: it makes the optimization "
@@ -117,10 +118,11 @@ SOURCES: dict[str, dict[str, str]] = {
                     "activation for each sample in the batch using i.i.d. noise sampled from a "
                     "non-zero mean and non-unit variance distribution\", and the noisy network "
                     "has \"less stable distributions than even the standard, non-BatchNorm "
-                    "network, yet it still performs better in terms of training\" (§2.1, as "
+                    "network, yet it still performs better in terms of training\" (as "
                     "quoted in public reading notes); the training curves' numbers: "
                     f"{NOT_FOUND}",
         "url": "https://docslib.org/doc/7950054/how-does-batch-normalization-help-optimization ; "
-               "https://jameslahm.github.io/2019/11/19/how-does-BN-help-optimaztion.html",
+               "https://jameslahm.github.io/2019/11/19/how-does-BN-help-optimaztion.html ; "
+               "public reading note (GitHub code index, file id 29261129202)",
     },
 }

@@ -74,8 +74,8 @@ def conclude(checks: Sequence[Check]) -> tuple[str, str, str]:
 
 def agreement(m: dict[str, Any]) -> str:
     share = float(np.median(judge(m)[1].values))
-    ours = "keeps most" if share >= KEPT else ("loses most" if share <= LOST else "keeps about "
-                                                                                "half")
+    ours = "keeps most" if share >= KEPT else ("loses most" if share <= LOST else
+                                               "keeps between a third and two thirds")
     same = "agrees with" if share >= KEPT else ("disagrees with" if share <= LOST else
                                                 "neither confirms nor refutes")
     loss = float(np.median([p / b for p, b in zip(m["loss_variation_plain"],
