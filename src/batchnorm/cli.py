@@ -33,6 +33,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     from .experiments import CLAIMS
 
@@ -41,10 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("reproduce", help="measure the claims made for batch normalization")
     rep.add_argument("--claims", default=None,
                      help=f"comma-separated subset of: {','.join(CLAIMS)} (default: all)")
-    rep.add_argument("--quick", action="store_true", help="smaller runs (about a minute)")
+    rep.add_argument("--quick", action="store_true",
+                     help="smaller runs, 3 seeds per claim (about a minute)")
     rep.add_argument("--out", default="batchnorm-report", help="output folder")
     rep.add_argument("--seeds", type=_positive_int, default=None,
-                     help="seeds for the experiments whose variance matters (default: per size)")
+                     help="seeds per claim (default: 3 with --quick, 5 otherwise)")
+    rep.add_argument("--seed", type=_non_negative_int, default=0,
+                     help="first seed; the others follow it (default 0)")
     rep.add_argument("--data", default="digits",
                      help="'digits' (scikit-learn, bundled) or 'mnist:PATH' (folder of IDX files)")
     rep.add_argument("--threads", type=_positive_int, default=1,
@@ -77,13 +90,13 @@ def _reproduce(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     try:
         results = reproduce(claims, size=size, out=args.out, seeds=args.seeds, data=args.data,
                             progress=False if args.no_progress else None, threads=args.threads,
-                            command=" ".join(["batchnorm", *shown]))
-    except ValueError as exc:
+                            command=" ".join(["batchnorm", *shown]), base_seed=args.seed)
+    except (ValueError, OSError) as exc:  # bad input, or an --out that cannot be written
         print(f"batchnorm reproduce: error: {exc}", file=sys.stderr)
         return 2
     width = max(len(r.title) for r in results)
     for r in results:
-        print(f"{r.title:<{width}}  {r.verdict:<13}  {r.reason}")
+        print(f"{r.title:<{width}}  {r.shown_verdict:<34}  {r.reason}")
     print(f"report: {os.path.join(args.out, 'report.md')} and report.html")
     return 0
 

@@ -9,21 +9,34 @@ import pytest
 
 from batchnorm.experiments import CLAIMS, claim_module
 from batchnorm.experiments.report import _jsonable
-from batchnorm.experiments.result import VERDICTS, RunConfig
+from batchnorm.experiments.result import VERDICTS, RunConfig, conclude
 
 
 @pytest.mark.parametrize("name", CLAIMS)
 def test_claim_runs_tiny(name, digits):
     module = claim_module(name)
-    result = module.run(RunConfig(digits, "tiny"))
+    cfg = RunConfig(digits, "tiny", base_seed=3)
+    result = module.run(cfg)
     assert result.name == name == module.NAME
     assert result.verdict in VERDICTS[:3]
-    assert (result.verdict, result.reason) == module.judge(result.metrics)
+    # the verdict is recomputed from the recorded metrics alone, by the claim's own rule
+    assert result.checks == module.judge(result.metrics)
+    rule = getattr(module, "conclude", conclude)
+    assert (result.verdict, result.lean, result.reason) == rule(result.checks)
+    seeds = cfg.seed_list(module.PARAMS["tiny"]["seeds"])
+    assert seeds == [3, 4] and result.metrics["seeds"] == seeds
+    assert all(len(c.values) == len(seeds) for c in result.checks)
+    assert result.table[0][1:1 + len(seeds)] == ["seed 3", "seed 4"]
     assert result.criterion == module.CRITERION and result.setup
+    assert result.source is module.SOURCE and result.agreement
+    assert {"reference", "reported", "url"} <= set(result.source)
     assert result.figures, "every claim draws at least one figure"
     for png in result.figures.values():
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
-    assert len(result.table) >= 2 and len({len(row) for row in result.table}) == 1
+    for table in (result.table, result.detail or [[""]]):
+        assert len({len(row) for row in table}) == 1
+    assert [row[0] for row in result.table[1:1 + len(result.checks)]] == \
+        [c.label for c in result.checks]
     json.dumps(_jsonable(result.to_json()), allow_nan=False)
 
 

@@ -2,9 +2,11 @@
 
 Each claim module (``experiments/claims/<name>.py``) defines ``NAME``, ``TITLE``,
 ``CLAIM``, ``CRITERION``, ``PARAMS`` (per size: ``tiny`` for tests, ``quick``, ``full``),
-``run(cfg)`` returning
-a :class:`~batchnorm.experiments.result.ClaimResult`, and ``judge(metrics)`` — the verdict as a
-function of the measured numbers only.
+``SOURCE`` (what the original work reported, :mod:`.sources`), ``run(cfg)`` returning a
+:class:`~batchnorm.experiments.result.ClaimResult`, and ``judge(metrics)`` — the per-seed
+:class:`~batchnorm.experiments.verdict.Check` s, from the measured numbers only. The verdict is
+:func:`~batchnorm.experiments.result.conclude` of those checks, or the module's own ``conclude``
+where it has one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ __all__ = ["CLAIMS", "claim_module"]
 
 # in report order
 CLAIMS = ("speed", "shift", "learning_rate", "initialization", "regularization", "gradients",
-          "small_batch", "recurrent", "cost", "consistency")
+          "small_batch", "recurrent", "cost", "consistency", "mechanism")
 
 
 def claim_module(name: str) -> ModuleType:

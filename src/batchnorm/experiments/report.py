@@ -13,9 +13,9 @@ from typing import Any
 
 from .result import ClaimResult
 
-__all__ = ["write_report", "verdict_table"]
+__all__ = ["sources_table", "verdict_table", "write_report"]
 
-_BADGE = {"supported": "#2e7d32", "not supported": "#c62828", "mixed": "#ef6c00",
+_BADGE = {"supported": "#2e7d32", "not supported": "#c62828", "inconclusive": "#ef6c00",
           "unavailable": "#616161"}
 
 
@@ -32,8 +32,17 @@ def _jsonable(obj: Any) -> Any:
 
 
 def verdict_table(results: Sequence[ClaimResult]) -> list[list[str]]:
-    rows = [["claim", "verdict", "measured"]]
-    rows += [[r.title, r.verdict, r.reason] for r in results]
+    """Claim, verdict (with its lean), every check's interval against its threshold."""
+    rows = [["claim", "verdict", "interval over seeds vs threshold"]]
+    rows += [[r.title, r.shown_verdict, r.reason] for r in results]
+    return rows
+
+
+def sources_table(results: Sequence[ClaimResult]) -> list[list[str]]:
+    """Claim, what the source reported (with its reference), and how ours compares."""
+    rows = [["claim", "the source reported", "ours against it"]]
+    rows += [[r.title, f"{r.source.get('reference', '')}: {r.source.get('reported', '')}",
+              r.agreement] for r in results if r.source]
     return rows
 
 
@@ -77,24 +86,42 @@ def write_report(results: Sequence[ClaimResult], out: str,
 
 def _run_line(header: dict[str, Any]) -> str:
     return (f"Command: `{header['command']}` · data: {header['data']} · size: {header['size']} · "
+            f"first seed: {header.get('base_seed', 0)} · "
             f"torch {header['torch']} · batchnorm {header['batchnorm']} · machine: "
             f"{header['machine']} · total {header['seconds']:.0f} s")
 
 
 def _markdown(results: Sequence[ClaimResult], header: dict[str, Any]) -> str:
     parts = ["# Batch normalization: the claims, measured\n", _run_line(header) + "\n",
-             "## Verdicts\n", _md_table(verdict_table(results))]
+             _RULE + "\n", "## Verdicts\n", _md_table(verdict_table(results)),
+             "## The sources' figures beside ours\n", _md_table(sources_table(results))]
     for r in results:
-        parts += [f"## {r.title} — **{r.verdict}**\n", f"*Claim.* {r.claim}\n",
+        parts += [f"## {r.title} — **{r.shown_verdict}**\n", f"*Claim.* {r.claim}\n",
                   f"*Setup.* {r.setup}\n", f"*Criterion.* {r.criterion}\n",
                   f"*Measured.* {r.reason} ({r.seconds:.1f} s)\n", _md_table(r.table)]
+        if r.detail:
+            parts.append(_md_table(r.detail))
+        if r.source:
+            parts += [f"*Source.* {r.source['reference']}: {r.source['reported']} "
+                      f"({r.source['url'] or 'no page'})\n", f"*Ours against it.* {r.agreement}\n"]
         parts += [f"![{name}]({name}.png)\n" for name in r.figures]
     return "\n".join(parts)
 
 
+_RULE = ("Every verdict comes from an interval over seeds: the smallest to the largest per-seed "
+         "value (with fewer than 10 seeds; from 10 on, a 90% bootstrap interval of the median). "
+         "*Supported* means the whole interval clears the claim's threshold, *not supported* that "
+         "none of it does, *inconclusive* that it straddles the threshold; the word in brackets "
+         "is the side the median over seeds falls on. A claim of several checks is supported "
+         "when all are, not supported when none is.")
+
 _CSS = ("body{font-family:sans-serif;max-width:960px;margin:2em auto;line-height:1.4}"
         "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
         ".v{color:#fff;padding:2px 8px;border-radius:4px}img{max-width:100%}")
+
+
+def _lean(r: ClaimResult) -> str:
+    return f"(leans {html.escape(r.lean)})" if r.verdict == "inconclusive" else ""
 
 
 def _html(results: Sequence[ClaimResult], header: dict[str, Any]) -> str:
@@ -105,18 +132,26 @@ def _html(results: Sequence[ClaimResult], header: dict[str, Any]) -> str:
              "<title>Batch normalization: the claims, measured</title>",
              f"<style>{_CSS}</style></head><body>",
              "<h1>Batch normalization: the claims, measured</h1>",
-             f"<p>{html.escape(_run_line(header))}</p><h2>Verdicts</h2>"]
+             f"<p>{html.escape(_run_line(header))}</p>",
+             f"<p>{html.escape(_RULE.replace('*', ''))}</p><h2>Verdicts</h2>"]
     rows = "".join(f"<tr><td><a href='#{r.name}'>{html.escape(r.title)}</a></td>"
-                   f"<td>{badge(r.verdict)}</td><td>{html.escape(r.reason)}</td></tr>"
+                   f"<td>{badge(r.verdict)} {_lean(r)}</td><td>{html.escape(r.reason)}</td></tr>"
                    for r in results)
-    parts.append(f"<table><tr><th>claim</th><th>verdict</th><th>measured</th></tr>{rows}</table>")
+    parts.append("<table><tr><th>claim</th><th>verdict</th><th>interval over seeds vs "
+                 f"threshold</th></tr>{rows}</table>")
+    parts += ["<h2>The sources' figures beside ours</h2>", _html_table(sources_table(results))]
     for r in results:
-        parts += [f"<h2 id='{r.name}'>{html.escape(r.title)} {badge(r.verdict)}</h2>",
+        parts += [f"<h2 id='{r.name}'>{html.escape(r.title)} {badge(r.verdict)} {_lean(r)}</h2>",
                   f"<p><b>Claim.</b> {html.escape(r.claim)}</p>",
                   f"<p><b>Setup.</b> {html.escape(r.setup)}</p>",
                   f"<p><b>Criterion.</b> {html.escape(r.criterion)}</p>",
                   f"<p><b>Measured.</b> {html.escape(r.reason)} ({r.seconds:.1f} s)</p>",
-                  _html_table(r.table)]
+                  _html_table(r.table), _html_table(r.detail)]
+        if r.source:
+            parts += [f"<p><b>Source.</b> {html.escape(r.source['reference'])}: "
+                      f"{html.escape(r.source['reported'])} "
+                      f"({html.escape(r.source['url'] or 'no page')})</p>",
+                      f"<p><b>Ours against it.</b> {html.escape(r.agreement)}</p>"]
         for name, png in r.figures.items():
             data = base64.b64encode(png).decode("ascii")
             parts.append(f"<p><img alt='{name}' src='data:image/png;base64,{data}'></p>")
