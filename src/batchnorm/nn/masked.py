@@ -53,8 +53,9 @@ class MaskedBatchNorm1d(_BatchNormBase, torch.nn.BatchNorm1d):
     counts an empty batch.
 
     Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype, bias,
-            activation: as for :class:`batchnorm.BatchNorm1d`.
+        num_features: the number of channels ``C``; ``eps``, ``momentum``, ``affine``,
+            ``track_running_stats``, ``device``, ``dtype``, ``bias`` and ``activation`` are
+            as for :class:`batchnorm.BatchNorm1d`.
 
     Shape:
         ``forward(input, mask=None)``: ``input (N, C, L)``; ``mask`` is a boolean ``(N, L)``
