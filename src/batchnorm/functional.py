@@ -7,6 +7,7 @@ they were.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -16,7 +17,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from . import ops
+from . import ops, ops_saved_output
 from . import stats as S
 from ._errors import BatchNormTypeError, BatchNormValueError, describe
 from .activations import ActivationSpec, parse_activation
@@ -89,13 +90,18 @@ def batch_norm_impl(
     num_batches_tracked: Tensor | None = None,
     num_batches_skipped: Tensor | None = None,
     layer_name: str | None = None,
+    save: str = "input",
+    inplace: bool = False,
 ) -> Tensor:
     """:func:`batch_norm` with the module's extras: the batch counters and ``momentum=None``.
 
     ``momentum=None`` means a cumulative average (factor ``1/num_batches_tracked``), which needs
-    ``num_batches_tracked``.
+    ``num_batches_tracked``. ``save="output"`` (``inplace``): the memory mode of
+    :mod:`batchnorm.ops_saved_output`.
     """
     act, slope = parse_activation(activation)
+    if save != "input" or inplace is not False:
+        ops_saved_output.check_mode(save, inplace, act, slope)
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps,
                     residual, num_batches_tracked)
     if torch.jit.is_tracing():
@@ -120,7 +126,8 @@ def batch_norm_impl(
         running = ops.running_update(running_mean, running_var, num_batches_tracked,
                                      0.0 if momentum is None else float(momentum),
                                      momentum is None, count)
-    y, mean, _rstd, var = ops.forward(
+    y, mean, _rstd, var = (ops.forward if save == "input" else functools.partial(
+        ops_saved_output.forward, inplace=inplace))(
         input, weight, bias, residual,
         None if training else running_mean, None if training else running_var,
         bool(training), float(eps), act, slope, running,
