@@ -35,7 +35,7 @@ from numba import njit, prange
 from torch import Tensor
 
 from ...invertible import CODES
-from . import _np, _threads, nchw_chunks, nhwc_blocks, SERIAL_ELEMENTS, SERIAL_ELEMENTS_LAST
+from . import SERIAL_ELEMENTS, SERIAL_ELEMENTS_LAST, _np, _threads, nchw_chunks, nhwc_blocks
 
 NONE, LEAKY, ELU, SIGMOID, TANH = (CODES[k] for k in ("none", "leaky_relu", "elu", "sigmoid",
                                                       "tanh"))
