@@ -68,13 +68,17 @@ def _du(yv, dyv, code, a, inv_a, z, one, arr):
 @_inline
 def _run_sums(dy, y, r, has_res, base, L, code, a, inv_a, sh, z, one):
     """``(Σg, Σg·u)`` over ``[base, base + L)`` in the array dtype."""
+    # slice views and range(L): LLVM vectorises these loops (see _kernels)
+    ys = y[base:base + L]
+    ds = dy[base:base + L]
+    rs = r[base:base + L]
     sg = z
     sgu = z
     for j in range(L):
-        g, p = _du(y[base + j], dy[base + j], code, a, inv_a, z, one, y)
+        g, p = _du(ys[j], ds[j], code, a, inv_a, z, one, y)
         u = p - sh
         if has_res:
-            u -= r[base + j]
+            u -= rs[j]
         sg += g
         sgu += g * u
     return sg, sgu
@@ -83,15 +87,20 @@ def _run_sums(dy, y, r, has_res, base, L, code, a, inv_a, sh, z, one):
 @_inline
 def _run_dx(dy, y, r, has_res, dx, dres, base, L, code, a, inv_a, sh, c1, c2, c3, need_dx,
             need_dres, z, one):
+    ys = y[base:base + L]
+    ds = dy[base:base + L]
+    rs = r[base:base + L]
+    xs = dx[base:base + L]
+    es = dres[base:base + L]
     for j in range(L):
-        g, p = _du(y[base + j], dy[base + j], code, a, inv_a, z, one, y)
+        g, p = _du(ys[j], ds[j], code, a, inv_a, z, one, y)
         if need_dx:
             u = p - sh
             if has_res:
-                u -= r[base + j]
-            dx[base + j] = c1 * g - c2 - c3 * u
+                u -= rs[j]
+            xs[j] = c1 * g - c2 - c3 * u
         if need_dres:
-            dres[base + j] = g
+            es[j] = g
 
 
 @njit(inline="always")
@@ -172,12 +181,14 @@ def nhwc_backward_from_output(dy, y, r, has_res, M, C, P, w, sh, rstd, code, a, 
         t2[:] = 0.0
         k = 0
         for m in range(p * M // P, (p + 1) * M // P):
-            base = m * C
+            ys = y[m * C:(m + 1) * C]
+            ds = dy[m * C:(m + 1) * C]
+            rs = r[m * C:(m + 1) * C]
             for c in range(C):
-                g, q = _du(y[base + c], dy[base + c], code, av, inv_a, z, one, y)
+                g, q = _du(ys[c], ds[c], code, av, inv_a, z, one, y)
                 u = q - sh[c]
                 if has_res:
-                    u -= r[base + c]
+                    u -= rs[c]
                 acc1[c] += g
                 acc2[c] += g * u
             k += 1
@@ -207,16 +218,20 @@ def nhwc_backward_from_output(dy, y, r, has_res, M, C, P, w, sh, rstd, code, a, 
             c1[c], c2[c], c3[c] = _coefs(sg_o[c], sgu_o[c], n, w[c], rstd[c], training)
         for p in prange(P):
             for m in range(p * M // P, (p + 1) * M // P):
-                base = m * C
+                ys = y[m * C:(m + 1) * C]
+                ds = dy[m * C:(m + 1) * C]
+                rs = r[m * C:(m + 1) * C]
+                xs = dx[m * C:(m + 1) * C]
+                es = dres[m * C:(m + 1) * C]
                 for c in range(C):
-                    g, q = _du(y[base + c], dy[base + c], code, av, inv_a, z, one, y)
+                    g, q = _du(ys[c], ds[c], code, av, inv_a, z, one, y)
                     if need_dx:
                         u = q - sh[c]
                         if has_res:
-                            u -= r[base + c]
-                        dx[base + c] = c1[c] * g - c2[c] - c3[c] * u
+                            u -= rs[c]
+                        xs[c] = c1[c] * g - c2[c] - c3[c] * u
                     if need_dres:
-                        dres[base + c] = g
+                        es[c] = g
 
 
 def backward_from_output(
