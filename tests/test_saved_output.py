@@ -324,3 +324,78 @@ def test_saved_tensor_count(cpu_backend, residual):
         counts[name] = len(big)
     # x (conv1's input), conv1's output, [the add's output,] BN/leaky output (conv2's input)
     assert counts == {"torch": 3, "input": 3, "output": 2}
+
+
+def _leaky_net() -> nn.Module:
+    """conv-BN-LReLU(inplace), conv-BN(+x)-LReLU, a BN before an in-place ReLU, a variant."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.bn1, self.bn2, self.bn3 = nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+            self.act = nn.LeakyReLU(0.1, inplace=True)
+            self.relu = nn.ReLU(inplace=True)
+            self.ghost = batchnorm.GhostBatchNorm2d(4, virtual_batch_size=2)
+
+        def forward(self, x):
+            h = self.act(self.bn1(self.conv1(x)))
+            h = self.act(self.bn2(self.conv2(h)) + x)
+            return self.ghost(self.relu(self.bn3(h)))
+
+    return Net()
+
+
+def test_fuse_switches_eligible_layers_and_reports_the_rest(cpu_backend):
+    torch.manual_seed(0)
+    model = _leaky_net().double()
+    x = torch.randn(4, 4, 5, 5, dtype=torch.float64)
+    fused, report = batchnorm.fuse(model, x, save="output")
+    assert report.save is not None
+    assert report.save.switched == ["bn1", "bn2"]
+    assert "not invertible" in report.save.kept["bn3"]  # its relu was fused in
+    assert "GhostBatchNorm2d" in report.save.kept["ghost"]
+    assert "save='output'" in str(report) and "bn3: keeps save='input'" in str(report)
+    assert fused.bn1.save == "output" and fused.bn3.save == "input"
+    # the switched model trains as the original does
+    ref = copy.deepcopy(model)
+    names = sorted(dict(ref.named_parameters()))
+    assert names == sorted(dict(fused.named_parameters()))
+    g1 = torch.autograd.grad(ref(x).square().sum(), [ref.get_parameter(n) for n in names])
+    g2 = torch.autograd.grad(fused(x).square().sum(), [fused.get_parameter(n) for n in names])
+    for name, u, v in zip(names, g1, g2, strict=True):
+        torch.testing.assert_close(v, u, rtol=1e-9, atol=1e-11, msg=name)
+    with pytest.raises(ValueError, match="save: expected 'input' or 'output'"):
+        batchnorm.fuse(model, x, save="outputs")
+
+
+def test_fuse_keeps_input_where_the_output_is_written_in_place():
+    """A layer whose (unfused) output an in-place op overwrites keeps its input: the saved
+    output would not survive (autograd would refuse the backward)."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn(x)
+            z = y * 2  # a second use: nothing is fused into bn
+            return y.mul_(3) + z
+
+    _, report = batchnorm.fuse(Net(), torch.randn(2, 4, 3, 3), save="output")
+    assert report.save is not None and report.save.switched == []
+    assert "mul_() writes its output in place" in report.save.kept["bn"]
+
+
+def test_convert_model_and_save_output_switch_fused_layers_only():
+    model = nn.Sequential(batchnorm.BatchNorm2d(4, activation="leaky_relu"), nn.Conv2d(4, 4, 1),
+                          nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+    with pytest.warns(UserWarning, match="2: keeps save='input' \\(no fused activation"):
+        out = batchnorm.convert_model(model, save="output")
+    assert out[0].save == "output" and out[2].save == "input"
+    out(torch.randn(2, 4, 3, 3)).sum().backward()  # trains: the in-place ReLU is not a problem
+    report = batchnorm.save_output(out, "input")
+    assert report.switched == ["0", "2"] and out[0].save == "input"
+    with pytest.raises(ValueError, match="save: expected 'input', or 'output' with target"):
+        batchnorm.convert_model(model, target="torch", save="output")
