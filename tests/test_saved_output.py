@@ -399,3 +399,28 @@ def test_convert_model_and_save_output_switch_fused_layers_only():
     assert report.switched == ["0", "2"] and out[0].save == "input"
     with pytest.raises(ValueError, match="save: expected 'input', or 'output' with target"):
         batchnorm.convert_model(model, target="torch", save="output")
+
+
+def test_compile_and_forward_ad_fall_back_with_the_same_values():
+    """Under torch.compile and forward-mode AD the mode runs the ordinary op with the same
+    effective weight: the same outputs and gradients (no memory saved there); double backward
+    through the eager mode is refused, not silently wrong."""
+    import torch.autograd.forward_ad as fwad
+
+    m = batchnorm.BatchNorm2d(4, activation="leaky_relu", save="output", dtype=torch.float64)
+    with torch.no_grad():
+        m.weight[0] = 0.0  # clamped to GAMMA_MIN on every path
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    y1 = m(x)
+    g1 = torch.autograd.grad(y1.square().sum(), [x, m.weight])
+    y2 = torch.compile(m, backend="eager")(x)
+    g2 = torch.autograd.grad(y2.square().sum(), [x, m.weight])
+    torch.testing.assert_close(y2, y1, rtol=0, atol=1e-14)
+    for u, v in zip(g1, g2, strict=True):
+        torch.testing.assert_close(v, u, rtol=1e-9, atol=1e-11)
+    with fwad.dual_level():
+        out = m(fwad.make_dual(x.detach(), torch.ones_like(x)))
+        torch.testing.assert_close(fwad.unpack_dual(out).primal, y1.detach(), rtol=0, atol=1e-14)
+    (g,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()

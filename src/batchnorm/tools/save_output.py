@@ -106,18 +106,24 @@ def switch_graph(gm: fx.GraphModule, save: str) -> SaveReport:
     it can and no user of its output writes into it."""
     _check(save)
     report = SaveReport()
+    targets: dict[str, str | None] = {}  # layer -> why not (a layer called twice: every call)
     for node in gm.graph.nodes:
-        if node.op != "call_module" or str(node.target) in report.switched:
+        if node.op != "call_module":
             continue
-        m = gm.get_submodule(str(node.target))
+        name = str(node.target)
+        m = gm.get_submodule(name)
         if not is_batch_norm(m):
             continue
-        why = _why_not(m)
+        why = _why_not(m) if save == "output" else None
         if why is None and save == "output":
             why = _in_place_user(gm, node)
-        if why is not None and save == "output":
-            report.kept.setdefault(str(node.target), why)
+        if targets.get(name) is None:
+            targets[name] = why
+    for name, why in targets.items():
+        m = gm.get_submodule(name)
+        if why is not None:
+            report.kept[name] = why
         elif type(m) in _PLAIN:
             m.save = save  # type: ignore[assignment]
-            report.switched.append(str(node.target))
+            report.switched.append(name)
     return report
