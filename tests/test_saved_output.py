@@ -215,15 +215,17 @@ def test_training_parity(cpu_backend, fmt):
     assert losses["torch"][-1] < losses["torch"][0]  # it trained
 
 
-def test_inplace_writes_input_storage(cpu_backend):
-    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_inplace_writes_input_storage(cpu_backend, fmt):
+    conv = nn.Conv2d(3, 4, 3, padding=1).double().to(memory_format=fmt)
     a = batchnorm.BatchNorm2d(4, activation="leaky_relu", dtype=torch.float64)
     b = batchnorm.BatchNorm2d(4, activation="leaky_relu", dtype=torch.float64, save="output",
                               inplace=True)
-    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
     g = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     ga = torch.autograd.grad(a(conv(x)), [x, conv.weight, a.weight], g)
     h = conv(x)
+    assert h.is_contiguous(memory_format=fmt)
     ptr, version = h.data_ptr(), h._version
     y = b(h)
     assert y is h and y.data_ptr() == ptr and h._version > version
