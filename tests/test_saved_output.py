@@ -426,3 +426,34 @@ def test_compile_and_forward_ad_fall_back_with_the_same_values():
     (g,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_inplace_training_forward_creates_no_tensor_of_the_input_size(fmt, monkeypatch):
+    """On the Numba backend the training forward of inplace=True writes into the input's
+    storage: no output-sized tensor is created (the other backends copy, see
+    Backend.forward_train_into)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if get_backend("cpu") is None:
+        pytest.skip("the Numba backend is not importable here")
+    monkeypatch.setenv("BATCHNORM_BACKEND", "cpu")
+    bn = batchnorm.BatchNorm2d(8, activation="leaky_relu", save="output", inplace=True)
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    h = (x * 1).contiguous(memory_format=fmt)
+    created: list[str] = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(t, torch.Tensor) and t.numel() == h.numel() \
+                        and t.untyped_storage().data_ptr() != h.untyped_storage().data_ptr():
+                    created.append(str(func))
+            return out
+
+    with Count():
+        y = bn(h)
+    assert y is h and created == []
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

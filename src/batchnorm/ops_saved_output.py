@@ -23,9 +23,12 @@ and dtype, is in ``docs/saved_output.md``.
 
 ``inplace=True``: the output is written into the input's storage and the input tensor is
 returned (``mark_dirty``): autograd's version counter then refuses any backward that still
-needs the old input, and refuses a leaf that requires grad, with its own error. The kernels
-write a separate buffer that is copied into ``x`` and released at once, so the layer's output
-holds no second tensor of its size after the call (the peak during the call still does).
+needs the old input, and refuses a leaf that requires grad, with its own error. In training on
+an input whose canonical view is its own storage, the backend writes there directly
+(:meth:`~batchnorm.kernels.base.Backend.forward_train_into`: the Numba backend creates no
+second tensor of the input's size); otherwise (the default of other backends, eval mode, an
+input that canonicalization copies) the output is computed in a fresh buffer, copied into the
+input and released at once.
 
 Eager autograd only: under ``torch.compile``, ``torch.func`` transforms and forward-mode AD the
 mode falls back to the ordinary op with the same effective weight (same values; the memory
@@ -40,6 +43,7 @@ from torch.autograd.function import once_differentiable
 
 from . import ops
 from .invertible import refusal
+from .kernels import select
 from .kernels.base import RunningUpdate
 from .layout import canonicalize
 
@@ -85,10 +89,20 @@ class _SavedOutput(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, running_mean, running_var,  # type: ignore[override]
                 training, eps, act, slope, running, inplace):
         w = effective_weight(weight)
-        y, mean, rstd, var, ctx.backend = ops._run_forward(
-            x, w, bias, residual, running_mean, running_var, training, eps, act, slope, running)
+        xc, lay = canonicalize(x)
+        if inplace and training and xc.data_ptr() == x.data_ptr() and xc.numel():
+            # the canonical view is x's own storage: the backend writes the output into it
+            ctx.backend = select(xc)
+            rc = None if residual is None else lay.canonical(residual)
+            mean, rstd, var = ctx.backend.forward_train_into(xc, w, bias, rc, eps, act, slope)
+            y = x
+        else:
+            y, mean, rstd, var, ctx.backend = ops._run_forward(
+                x, w, bias, residual, running_mean, running_var, training, eps, act, slope,
+                running)
+            if inplace:
+                y = x.copy_(y)  # the kernels' buffer goes as soon as this returns
         if inplace:
-            y = x.copy_(y)  # the kernels' buffer goes as soon as this returns
             ctx.mark_dirty(x)
         ctx.save_for_backward(y, w, bias, residual, rstd)
         ctx.training, ctx.act, ctx.slope = training, act, slope

@@ -184,3 +184,14 @@ class Backend(ABC):
         return saved_output_reference.backward_from_output(
             grad_y, y, weight, bias, residual, rstd, training, act, slope, need_dx,
             need_dweight, need_dbias, need_dres)
+
+    def forward_train_into(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+        eps: float, act: str, slope: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward_train` writing the output into ``x`` itself; returns ``(mean, rstd,
+        biased var)``. This default computes the output in a fresh buffer and copies it into
+        ``x``; a backend that can overwrite ``x`` directly overrides it."""
+        y, mean, rstd, var = self.forward_train(x, weight, bias, residual, eps, act, slope)
+        x.copy_(y)
+        return mean, rstd, var

@@ -348,6 +348,10 @@ class CpuBackend(Backend):
         return backward_from_output(grad_y, y, weight, bias, residual, rstd, training, act,
                                     slope, need_dx, need_dweight, need_dbias, need_dres)
 
+    def forward_train_into(self, x, weight, bias, residual, eps, act, slope):
+        from ._saved_output import forward_train_into
+        return forward_train_into(self, x, weight, bias, residual, eps, act, slope)
+
 
 def _to(a: np.ndarray, dtype: torch.dtype) -> Tensor:
     t = torch.from_numpy(a)

@@ -34,8 +34,18 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from ... import stats as S
 from ...invertible import CODES
-from . import SERIAL_ELEMENTS, SERIAL_ELEMENTS_LAST, _np, _threads, nchw_chunks, nhwc_blocks
+from . import (
+    SERIAL_ELEMENTS,
+    SERIAL_ELEMENTS_LAST,
+    _Args,
+    _np,
+    _threads,
+    nchw_chunks,
+    nhwc_blocks,
+)
+from . import _kernels as K
 
 NONE, LEAKY, ELU, SIGMOID, TANH = (CODES[k] for k in ("none", "leaky_relu", "elu", "sigmoid",
                                                       "tanh"))
@@ -275,3 +285,26 @@ def backward_from_output(
         else None
     db = torch.from_numpy(sg).to(bias.dtype) if need_dbias and bias is not None else None
     return dx, dw, db, dres
+
+
+def forward_train_into(
+    backend, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+    eps: float, act: str, slope: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The training forward of ``inplace=True``, written into ``x`` with no second buffer:
+    the statistics first (``backend.stats``: partials, merged and finalized by
+    :mod:`batchnorm.stats`), then the elementwise apply kernel with ``y`` = ``x``. Each element
+    is read before it is overwritten, in the same iteration, so the aliasing is safe. The
+    output is ``act((x - mean)·scale + β [+ r])`` (not the centered form of the fused forward:
+    when ``|mean| ≫ std`` it cancels as the eval forward does)."""
+    mean, var, rstd = S.finalize(backend.stats(x), eps)
+    scale = S.scale_of(rstd, weight)
+    args = _Args(x, residual, act, slope)
+    mf, sc, sh = args.vec(mean), args.vec(scale), args.vec(bias)
+    if args.first:
+        K.nchw_apply(args.x, args.x, args.r, args.has_res, args.n, args.c, args.s, args.p, mf,
+                     sc, sh, args.code, args.slope)
+    else:
+        K.nhwc_apply(args.x, args.x, args.r, args.has_res, args.m, args.c, args.p, mf, sc, sh,
+                     args.code, args.slope)
+    return mean, rstd, var
