@@ -89,8 +89,8 @@ class _SavedOutput(torch.autograd.Function):
     def forward(ctx, x, weight, bias, residual, running_mean, running_var,  # type: ignore[override]
                 training, eps, act, slope, running, inplace):
         w = effective_weight(weight)
-        xc, lay = canonicalize(x)
-        if inplace and training and xc.data_ptr() == x.data_ptr() and xc.numel():
+        xc, lay = canonicalize(x) if inplace and training else (x, None)
+        if lay is not None and xc.data_ptr() == x.data_ptr() and xc.numel():
             # the canonical view is x's own storage: the backend writes the output into it
             ctx.backend = select(xc)
             rc = None if residual is None else lay.canonical(residual)
@@ -106,7 +106,6 @@ class _SavedOutput(torch.autograd.Function):
             ctx.mark_dirty(x)
         ctx.save_for_backward(y, w, bias, residual, rstd)
         ctx.training, ctx.act, ctx.slope = training, act, slope
-        ctx.has_weight = weight is not None
         ctx.mark_non_differentiable(mean, rstd, var)
         ctx.set_materialize_grads(False)
         return y, mean, rstd, var
