@@ -51,6 +51,8 @@ MODELS = {
     "efficientnet_b0": "efficientnet_b0",
 }
 VARIANTS = ("torch", "convert", "fuse")
+# on request (--variants): fuse with the memory mode save="output" (benchmarks/bench_memory.py)
+EXTRA_VARIANTS = ("fuse_output",)
 # conv/linear kernels and their backward, the optimizer: time we do not control
 _NOT_OURS = ("conv", "mkldnn", "addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm",
              "Optimizer", "sgd", "_foreach", "aten::t", "cross_entropy", "nll_loss",
@@ -63,6 +65,8 @@ def build(name: str, variant: str, base: nn.Module, example: torch.Tensor) -> nn
         model = batchnorm.convert_model(model)
     elif variant == "fuse":
         model, _report = batchnorm.fuse(model, example_input=example)
+    elif variant == "fuse_output":
+        model, _report = batchnorm.fuse(model, example_input=example, save="output")
     return model
 
 
@@ -161,7 +165,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--layouts", nargs="+", default=["nchw", "nhwc"], choices=["nchw", "nhwc"])
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                    choices=list(VARIANTS + EXTRA_VARIANTS))
     ap.add_argument("--compile", action="store_true", help="also torch.compile PyTorch's model")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--size", type=int, default=112)

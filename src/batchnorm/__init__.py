@@ -65,3 +65,7 @@ from .nn.sync import SyncBatchNorm, convert_sync_batchnorm  # noqa: E402
 
 __all__ += ["SyncBatchNorm", "convert_sync_batchnorm"]
 # [cli]
+# [saved-output] in-place activated BN (issue 19): the memory mode save="output"
+from .tools import SaveReport, save_output  # noqa: E402
+
+__all__ += ["SaveReport", "save_output"]

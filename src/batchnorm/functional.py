@@ -17,6 +17,7 @@ from . import ops
 from . import stats as S
 from ._errors import BatchNormTypeError, BatchNormValueError, describe
 from .activations import ActivationSpec, parse_activation
+from .ops import saved_output as ops_saved_output
 from .running import (
     NonFiniteBatchWarning,
     finish_folded,
@@ -89,13 +90,18 @@ def batch_norm_impl(
     num_batches_tracked: Tensor | None = None,
     num_batches_skipped: Tensor | None = None,
     layer_name: str | None = None,
+    save: str = "input",
+    inplace: bool = False,
 ) -> Tensor:
     """:func:`batch_norm` with the module's extras: the batch counters and ``momentum=None``.
 
     ``momentum=None`` means a cumulative average (factor ``1/num_batches_tracked``), which needs
-    ``num_batches_tracked``.
+    ``num_batches_tracked``. ``save="output"`` (``inplace``): the memory mode of
+    :mod:`batchnorm.ops.saved_output`.
     """
     act, slope = parse_activation(activation)
+    if save != "input" or inplace is not False:
+        ops_saved_output.check_mode(save, inplace, act, slope)
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps,
                     residual, num_batches_tracked)
     if torch.jit.is_tracing():
@@ -118,17 +124,18 @@ def batch_norm_impl(
         assert running_mean is not None and running_var is not None
         # eager CPU: the update rides on the forward's backend call (see running.py)
         running = fold_request(running_mean, running_var, num_batches_tracked,
-                                     0.0 if momentum is None else float(momentum),
-                                     momentum is None, count)
-    y, mean, _rstd, var = ops.forward(
-        input, weight, bias, residual,
-        None if training else running_mean, None if training else running_var,
-        bool(training), float(eps), act, slope, running,
-    )
+                               0.0 if momentum is None else float(momentum),
+                               momentum is None, count)
+    args = (input, weight, bias, residual, None if training else running_mean,
+            None if training else running_var, bool(training), float(eps), act, slope, running)
+    if save == "input":
+        y, mean, _rstd, var = ops.forward(*args)
+    else:
+        y, mean, _rstd, var = ops_saved_output.forward(*args, inplace=inplace)
     if update:
         assert running_mean is not None and running_var is not None
         ok = finish_folded(running, running_mean, running_var, num_batches_tracked,
-                                       num_batches_skipped)
+                           num_batches_skipped)
         if ok is None:  # not folded: the update on its own
             update_running_statistics(
                 running_mean, running_var, mean, S.unbiased_var(var, count), momentum,

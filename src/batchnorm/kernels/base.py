@@ -33,6 +33,7 @@ import numpy as np
 from torch import Tensor
 
 from .. import stats as S
+from . import saved_output_reference
 
 
 class RunningUpdate:
@@ -184,3 +185,27 @@ class Backend(ABC):
             dbias = sum_g.to(bias.dtype)
         return dx, dweight, dbias, dres
 
+    # -- memory mode save="output" (batchnorm.ops.saved_output) --------------------------------
+    def backward_from_output(
+        self, grad_y: Tensor, y: Tensor, weight: Tensor | None, bias: Tensor | None,
+        residual: Tensor | None, rstd: Tensor, training: bool, act: str, slope: float,
+        need_dx: bool, need_dweight: bool, need_dbias: bool, need_dres: bool,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """:meth:`backward` from the layer's output ``y`` instead of its input: ``x̂`` is
+        recovered as ``(act⁻¹(y) - β [- residual]) / γ`` (``act`` invertible, ``|γ|`` kept away
+        from 0 by the caller); the math is in :mod:`.saved_output_reference`, which this
+        default runs in PyTorch ops."""
+        return saved_output_reference.backward_from_output(
+            grad_y, y, weight, bias, residual, rstd, training, act, slope, need_dx,
+            need_dweight, need_dbias, need_dres)
+
+    def forward_train_into(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+        eps: float, act: str, slope: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward_train` writing the output into ``x`` itself; returns ``(mean, rstd,
+        biased var)``. This default computes the output in a fresh buffer and copies it into
+        ``x``; a backend that can overwrite ``x`` directly overrides it."""
+        y, mean, rstd, var = self.forward_train(x, weight, bias, residual, eps, act, slope)
+        x.copy_(y)
+        return mean, rstd, var

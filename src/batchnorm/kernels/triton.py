@@ -682,6 +682,12 @@ class TritonBackend(Backend):
                 a if training else None, b if training else None, n, need_dx, need_dres)
         return dx, dweight, dbias, dres
 
+    def backward_from_output(self, grad_y, y, weight, bias, residual, rstd, training, act, slope,
+                             need_dx, need_dweight, need_dbias, need_dres):
+        from .triton_saved_output import backward_from_output  # the memory mode's kernels
+        return backward_from_output(self, grad_y, y, weight, bias, residual, rstd, training, act,
+                                    slope, need_dx, need_dweight, need_dbias, need_dres)
+
 
 def _opt(t: Tensor | None) -> Tensor | None:
     """An optional kernel argument: contiguous, or None (the kernel's flag keeps it unread)."""

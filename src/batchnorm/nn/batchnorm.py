@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .._errors import BatchNormValueError, describe
 from ..activations import ActivationSpec, parse_activation, spec_of
 from ..functional import batch_norm_impl
+from ..ops.saved_output import check_mode
 from ..running import NonFiniteBatchWarning
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
@@ -44,6 +45,8 @@ class _BatchNormBase(_BatchNorm):
     """What every batch-norm module here shares; subclasses set ``_dims`` (accepted ranks)."""
 
     _dims: tuple[int, ...] = ()
+    save: str = "input"  # instance attributes; class defaults for subclasses that never set them
+    inplace: bool = False
 
     def __init__(
         self,
@@ -57,14 +60,18 @@ class _BatchNormBase(_BatchNorm):
         *,
         bias: bool = True,
         activation: ActivationSpec = None,
+        save: str = "input",
+        inplace: bool = False,
     ) -> None:
         check_constructor(num_features, eps, momentum)
         act = parse_activation(activation)
+        check_mode(save, inplace, *act)
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
         if affine and not bias:
             self.register_parameter("bias", None)
         self.activation: ActivationSpec = spec_of(*act)
+        self.save, self.inplace = save, inplace  # the memory mode (batchnorm.ops.saved_output)
         self.layer_name: str | None = None
         self._reported_skips = 0
         self.num_batches_skipped: Tensor | None
@@ -149,6 +156,8 @@ class _BatchNormBase(_BatchNorm):
             num_batches_tracked=self.num_batches_tracked if track else None,
             num_batches_skipped=self.num_batches_skipped if track else None,
             layer_name=self._name(),
+            save=self.save,
+            inplace=self.inplace,
         )
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
@@ -187,6 +196,10 @@ class _BatchNormBase(_BatchNorm):
         text = super().extra_repr()
         if self.activation is not None:
             text += f", activation={self.activation!r}"
+        if self.save != "input":
+            text += f", save={self.save!r}"
+        if self.inplace:
+            text += ", inplace=True"
         return text
 
 
@@ -211,6 +224,12 @@ _DOC = r"""Batch normalization over a {rank} input (Ioffe & Szegedy, 2015), a dr
         bias: learnable β when ``affine``. Default: True
         activation: ``None``, ``"relu"``, ``"leaky_relu"``, ``("leaky_relu", slope)``,
             ``"silu"``, ``"gelu"`` or the matching ``nn`` module, applied last. Default: None
+        save: what training keeps for the backward: ``"input"``, or ``"output"`` (in-place
+            activated BN: only the output, from which the backward recovers the normalized
+            input; needs an invertible activation, ``None`` or ``"leaky_relu"``; see
+            ``docs/saved_output.md``). Default: ``"input"``
+        inplace: with ``save="output"``, write the output into the input's storage and return
+            the input tensor. Default: False
 
     Shape:
         - Input: {shape}; output: the same shape and memory format.

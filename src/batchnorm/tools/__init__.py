@@ -6,6 +6,7 @@ from .fold import FoldedEpilogue, FoldReport, fold, is_batch_norm
 from .fuse import FuseReport, fuse
 from .monitor import ActivationMonitor
 from .recalibrate import recalibrate
+from .save_output import SaveReport, save_output
 
 __all__ = [
     "ActivationMonitor",
@@ -21,4 +22,6 @@ __all__ = [
     "onnx_translations",
     "recalibrate",
     "register_conversion",
+    "SaveReport",
+    "save_output",
 ]

@@ -37,6 +37,7 @@ from ..activations import module_of, parse_activation
 from ..nn._common import swap_modules
 from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase
 from .fold import is_batch_norm
+from .save_output import save_output
 
 __all__ = ["convert_model", "register_conversion"]
 
@@ -122,7 +123,7 @@ def _import_optional() -> None:
 
 def convert_model(model: nn.Module, target: str = "batchnorm", *,
                   unfuse_activations: bool = False,
-                  sync_to: type | None = None) -> nn.Module:
+                  sync_to: type | None = None, save: str = "input") -> nn.Module:
     """Return ``model`` with every batch-norm layer swapped to ``target``'s classes.
 
     Args:
@@ -137,6 +138,10 @@ def convert_model(model: nn.Module, target: str = "batchnorm", *,
             class (``batchnorm.BatchNorm1d``, ``2d`` or ``3d``), dropping the cross-process
             synchronization on purpose. Default: None (to our SyncBatchNorm where registered,
             else refuse)
+        save: with ``target="batchnorm"``, ``"output"`` switches the converted layers that can
+            take it to the memory mode (:func:`batchnorm.tools.save_output.save_output`: only
+            those with a fused invertible activation; a warning lists the others and why).
+            Default: ``"input"``
     """
     if target not in _CONVERTERS:
         raise ValueError(f"target: expected 'batchnorm' or 'torch', got {target!r}")
@@ -148,10 +153,16 @@ def convert_model(model: nn.Module, target: str = "batchnorm", *,
         if sync_to not in _TO_TORCH:
             raise TypeError(f"sync_to: expected batchnorm.BatchNorm1d, BatchNorm2d or "
                             f"BatchNorm3d, got {sync_to!r}")
+    if save not in ("input", "output") or (save != "input" and target != "batchnorm"):
+        raise ValueError(f"save: expected 'input', or 'output' with target='batchnorm', got "
+                         f"save={save!r}, target={target!r}")
     _import_optional()
 
-    return swap_modules(
+    out = swap_modules(
         model, lambda m, path: _convert_one(m, path, target, unfuse_activations, sync_to))
+    if save != "input":
+        save_output(out, save, warn=True)
+    return out
 
 
 def _convert_one(m: nn.Module, path: str, target: str, unfuse_activations: bool,

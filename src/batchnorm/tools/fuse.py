@@ -42,6 +42,7 @@ from ..activations import parse_activation, spec_of
 from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import convert_model
 from .fold import is_batch_norm
+from .save_output import SaveReport, save_output, switch_graph
 
 __all__ = ["fuse", "FuseReport"]
 
@@ -89,6 +90,7 @@ class FuseReport:
     fused: dict[str, str] = field(default_factory=dict)
     unfused: dict[str, str] = field(default_factory=dict)
     trace_error: str | None = None
+    save: SaveReport | None = None  # with fuse(..., save="output"): the layers that switched
 
     @property
     def layers(self) -> list[str]:
@@ -102,6 +104,8 @@ class FuseReport:
             lines.append(f"  torch.fx could not trace the model: {self.trace_error}")
         lines += [f"  {name}: fused {what}" for name, what in self.fused.items()]
         lines += [f"  {name}: not fused ({why})" for name, why in self.unfused.items()]
+        if self.save is not None:
+            lines.append(str(self.save))
         return "\n".join(lines)
 
 
@@ -140,7 +144,8 @@ def _signature(graph: fx.Graph) -> list[tuple[str, str, str]]:
     return [(n.op, str(n.target), str(n.args)) for n in graph.nodes]
 
 
-def fuse(model: nn.Module, example_input: Any = None) -> tuple[nn.Module, FuseReport]:
+def fuse(model: nn.Module, example_input: Any = None, *,
+         save: str = "input") -> tuple[nn.Module, FuseReport]:
     """Return a copy of ``model`` with its batch-norm layers converted to ours and the
     activations and residual adds that follow them fused in, and a :class:`FuseReport`.
 
@@ -149,6 +154,9 @@ def fuse(model: nn.Module, example_input: Any = None) -> tuple[nn.Module, FuseRe
         example_input: a tensor (or tuple of positional inputs) the model accepts. With it the
             shapes of the operands of every add are known, and residual adds are fused;
             without it only activations are.
+        save: ``"output"`` switches every layer that can take it to the memory mode
+            ``save="output"`` once fused (:mod:`batchnorm.tools.save_output`; the report's
+            ``save`` says which did and why the others did not). Default: ``"input"``
 
     Returns:
         ``(fused_model, report)``: an ``fx.GraphModule`` with the model's submodules (same
@@ -156,6 +164,8 @@ def fuse(model: nn.Module, example_input: Any = None) -> tuple[nn.Module, FuseRe
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if save not in ("input", "output"):
+        raise ValueError(f"save: expected 'input' or 'output', got {save!r}")
     args: tuple[Any, ...] | None = None
     if example_input is not None:
         args = example_input if isinstance(example_input, tuple) else (example_input,)
@@ -172,6 +182,8 @@ def fuse(model: nn.Module, example_input: Any = None) -> tuple[nn.Module, FuseRe
         report.method, report.trace_error = "convert", f"{type(exc).__name__}: {exc}"
         report.unfused = dict.fromkeys(names, "the model was converted without fusion (see "
                                        "trace_error)")
+        if save != "input":
+            report.save = save_output(work, save)
         return work, report
     if args is not None:
         _propagate_shapes(gm, args, work.training)
@@ -180,6 +192,8 @@ def fuse(model: nn.Module, example_input: Any = None) -> tuple[nn.Module, FuseRe
         if name not in report.fused and name not in report.unfused:
             report.unfused[name] = "torch.fx traced through it (not called as a module)"
     gm.graph.eliminate_dead_code()
+    if save != "input":
+        report.save = switch_graph(gm, save)
     gm.graph.lint()
     gm.recompile()
     return gm, report

@@ -398,6 +398,17 @@ class CpuBackend(Backend):
         dbias = _to(sg, bias.dtype) if need_dbias and bias is not None else None
         return dx, dweight, dbias, dres
 
+    def backward_from_output(self, grad_y, y, weight, bias, residual, rstd, training, act, slope,
+                             need_dx, need_dweight, need_dbias, need_dres):
+        # imported on the mode's first backward: its kernels compile only for models using it
+        from ._saved_output import backward_from_output
+        return backward_from_output(grad_y, y, weight, bias, residual, rstd, training, act,
+                                    slope, need_dx, need_dweight, need_dbias, need_dres)
+
+    def forward_train_into(self, x, weight, bias, residual, eps, act, slope):
+        from ._saved_output import forward_train_into
+        return forward_train_into(self, x, weight, bias, residual, eps, act, slope)
+
 
 def _to(a: np.ndarray, dtype: torch.dtype) -> Tensor:
     t = torch.from_numpy(a)
