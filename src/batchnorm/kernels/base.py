@@ -8,7 +8,9 @@ Kernels see two canonical shapes only (see ``functional._canonicalize``):
 Per-channel vectors (``mean``, ``rstd``, ``scale``, ``shift``, sums) are ``(C,)`` in the
 accumulation dtype (:func:`batchnorm.stats.accumulation_dtype`). ``residual`` has the canonical
 shape of ``x``. ``act`` is a name from :data:`batchnorm.activations.ACTIVATIONS` and ``slope``
-the leaky-ReLU slope. Arguments are valid: the functional layer checked them.
+the activation's parameter (leaky-ReLU slope, ELU alpha; 0 for the others): the one activation
+table, :mod:`batchnorm.activations`, gives each backend its codes and formulas.
+Arguments are valid: the functional layer checked them.
 
 The math (see :mod:`batchnorm.stats`)::
 
