@@ -64,8 +64,11 @@ def batch_norm(
         training: use batch statistics (and update the running ones).
         momentum: factor of the running-statistics update. Default: 0.1
         eps: added to the variance. Default: 1e-5
-        activation: ``None``, ``"relu"``, ``"leaky_relu"`` (slope 0.01), ``("leaky_relu", s)``,
-            ``"silu"``, ``"gelu"`` or the matching ``nn`` module, applied last. Default: None
+        activation: ``None``, a name of :data:`batchnorm.activations.ACTIVATIONS`
+            (``"relu"``, ``"leaky_relu"`` (slope 0.01), ``"silu"``, ``"gelu"``,
+            ``"gelu_tanh"``, ``"relu6"``, ``"hardswish"``, ``"hardsigmoid"``, ``"sigmoid"``,
+            ``"tanh"``, ``"elu"`` (alpha 1), ``"mish"``), ``("leaky_relu", s)``,
+            ``("elu", alpha)`` or the matching ``nn`` module, applied last. Default: None
         residual: tensor of ``input``'s shape added after the affine transform, before the
             activation. Default: None
     """
