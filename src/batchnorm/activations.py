@@ -63,7 +63,9 @@ class Activation:
     ``param``: the constructor keyword of ``module`` that holds the parameter (``None`` when the
     activation has none); ``fixed``: constructor keywords whose value selects this activation
     (``approximate="tanh"``); ``inverse``/``invertible``: ``act⁻¹(y, param)`` and whether it
-    exists for a given parameter.
+    exists for a given parameter; ``foreign``: the qualified names of other libraries' classes
+    that compute exactly this activation and take no parameter (timm's ``GELU``, ``Tanh``, ...),
+    parsed as it too (by name: this module imports no other library).
     """
 
     name: str
@@ -76,6 +78,7 @@ class Activation:
     fixed: tuple[tuple[str, Any], ...] = ()
     inverse: Fn | None = None
     invertible: Callable[[float], bool] = lambda param: False
+    foreign: tuple[str, ...] = ()
 
     def to_module(self, param: float) -> nn.Module | None:
         if self.module is None:
@@ -167,6 +170,8 @@ def _always(param: float) -> bool:
     return True
 
 
+_TIMM = "timm.layers.activations"  # timm's own activation classes (no parameter, exact)
+
 _ENTRIES = (
     Activation("none", 0, lambda p, a: p, _ones, nn.Identity,
                inverse=lambda y, a: y, invertible=_always),
@@ -174,21 +179,27 @@ _ENTRIES = (
     Activation("leaky_relu", 2, F.leaky_relu, _leaky_grad, nn.LeakyReLU,
                param="negative_slope", default=0.01, inverse=_leaky_inverse,
                invertible=_positive),
-    Activation("silu", 3, lambda p, a: F.silu(p), _silu_grad, nn.SiLU),
+    Activation("silu", 3, lambda p, a: F.silu(p), _silu_grad, nn.SiLU,
+               foreign=(f"{_TIMM}.Swish",)),
     Activation("gelu", 4, lambda p, a: F.gelu(p), _gelu_grad, nn.GELU,
-               fixed=(("approximate", "none"),)),
+               fixed=(("approximate", "none"),), foreign=(f"{_TIMM}.GELU",)),
     Activation("relu6", 5, lambda p, a: F.relu6(p), _relu6_grad, nn.ReLU6),
-    Activation("hardswish", 6, lambda p, a: F.hardswish(p), _hardswish_grad, nn.Hardswish),
-    Activation("hardsigmoid", 7, _hardsigmoid, _hardsigmoid_grad, nn.Hardsigmoid),
+    Activation("hardswish", 6, lambda p, a: F.hardswish(p), _hardswish_grad, nn.Hardswish,
+               foreign=(f"{_TIMM}.HardSwish",)),
+    Activation("hardsigmoid", 7, _hardsigmoid, _hardsigmoid_grad, nn.Hardsigmoid,
+               foreign=(f"{_TIMM}.HardSigmoid",)),
     Activation("sigmoid", 8, lambda p, a: torch.sigmoid(p), _sigmoid_grad, nn.Sigmoid,
-               inverse=lambda y, a: torch.logit(y), invertible=_always),
+               inverse=lambda y, a: torch.logit(y), invertible=_always,
+               foreign=(f"{_TIMM}.Sigmoid",)),
     Activation("tanh", 9, lambda p, a: torch.tanh(p), _tanh_grad, nn.Tanh,
-               inverse=lambda y, a: torch.atanh(y), invertible=_always),
+               inverse=lambda y, a: torch.atanh(y), invertible=_always,
+               foreign=(f"{_TIMM}.Tanh",)),
     Activation("elu", 10, lambda p, a: F.elu(p, a), _elu_grad, nn.ELU, param="alpha",
                default=1.0, inverse=_elu_inverse, invertible=_positive),
-    Activation("mish", 11, lambda p, a: F.mish(p), _mish_grad, nn.Mish),
+    Activation("mish", 11, lambda p, a: F.mish(p), _mish_grad, nn.Mish,
+               foreign=(f"{_TIMM}.Mish",)),
     Activation("gelu_tanh", 12, lambda p, a: F.gelu(p, approximate="tanh"), _gelu_tanh_grad,
-               nn.GELU, fixed=(("approximate", "tanh"),)),
+               nn.GELU, fixed=(("approximate", "tanh"),), foreign=(f"{_TIMM}.GELUTanh",)),
 )
 
 TABLE: dict[str, Activation] = {e.name: e for e in _ENTRIES}
@@ -238,7 +249,11 @@ def parse_activation(activation: ActivationSpec) -> tuple[str, float]:
 
 def _from_module(module: nn.Module) -> tuple[str, float]:
     # The exact class, not isinstance: a subclass may compute something else.
+    kind = type(module)
+    qualified = f"{kind.__module__}.{kind.__qualname__}"
     for entry in _ENTRIES:
+        if qualified in entry.foreign:
+            return entry.name, entry.default
         if type(module) is entry.module and all(
                 getattr(module, k, None) == v for k, v in entry.fixed):
             if entry.param is None:

@@ -1,6 +1,6 @@
 """Tools around batch normalization: convert, fold, recalibrate, monitor, export."""
 
-from .convert import convert_model, register_conversion
+from .convert import ConvertReport, convert_model, register_conversion
 from .export import export_onnx, export_program, onnx_translations
 from .fold import FoldedEpilogue, FoldReport, fold, is_batch_norm
 from .monitor import ActivationMonitor
@@ -8,6 +8,7 @@ from .recalibrate import recalibrate
 
 __all__ = [
     "ActivationMonitor",
+    "ConvertReport",
     "FoldReport",
     "FoldedEpilogue",
     "convert_model",
