@@ -48,7 +48,8 @@ RTOL, FLOOR = 1e-7, 1e-9
 # torchvision: one trained model per kind of block -> the others (structural check). Trained:
 # models whose float64 run takes seconds; those that take tens of seconds (their depthwise and
 # grouped convolutions on PyTorch's float64 path, or VGG's 130M parameters, or MaxViT's
-# 224-pixel minimum) get the structural check, grouped under the trained model closest to them. A torchvision
+# 224-pixel minimum) get the structural check, grouped under the trained model closest to them.
+# A torchvision
 # release that adds a batch-norm model fails test_every_torchvision_model_is_listed until it is
 # placed here.
 TV_FAMILIES: dict[str, tuple[str, ...]] = {
