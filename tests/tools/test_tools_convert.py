@@ -187,3 +187,22 @@ def test_bad_sync_to():
         batchnorm.convert_model(nn.Identity(), sync_to=nn.BatchNorm2d)
     with pytest.raises(ValueError, match="sync_to"):
         batchnorm.convert_model(nn.Identity(), "torch", sync_to=batchnorm.BatchNorm2d)
+
+
+def test_kept_modules_travel_with_sync_fold_and_are_refused_by_freeze():
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), BatchNormAct2d(3, act=nn.PReLU())).double()
+    ours = batchnorm.convert_model(model)
+    _trained(ours, x)
+    ours.eval()
+    expected = ours(x)
+    sync = batchnorm.convert_sync_batchnorm(copy.deepcopy(ours))
+    assert type(sync[1]) is batchnorm.SyncBatchNorm and list(sync[1].unfused_modules()) == ["act"]
+    torch.testing.assert_close(sync.eval()(x), expected)
+    folded = batchnorm.fold(copy.deepcopy(ours), x)
+    torch.testing.assert_close(folded(x), expected)
+    with pytest.raises(ValueError, match="applies modules after the norm"):
+        batchnorm.freeze(ours)
+    assert type(ours[1]) is batchnorm.BatchNorm2d
+    with pytest.raises(TypeError, match="modules"):
+        ours[1].keep_after({"act": "relu"})
