@@ -191,3 +191,19 @@ def test_parameter_forms_and_errors():
 
     with pytest.raises(ValueError, match="module must be one of"):
         A.parse_activation(MyReLU())
+
+
+def test_other_libraries_classes_parse_by_qualified_name():
+    """timm's own activation classes (e.g. timm.layers.activations.GELUTanh) compute exactly the
+    table's activation; they parse by qualified name, so this module imports no timm."""
+
+    def fake(qualname: str) -> nn.Module:
+        kind = type(qualname, (nn.Module,), {"__module__": "timm.layers.activations"})
+        kind.__qualname__ = qualname
+        return kind()
+
+    assert A.parse_activation(fake("GELUTanh")) == ("gelu_tanh", 0.0)
+    assert A.parse_activation(fake("HardSwish")) == ("hardswish", 0.0)
+    assert A.parse_activation(fake("Tanh")) == ("tanh", 0.0)
+    with pytest.raises(ValueError, match="module must be one of"):
+        A.parse_activation(fake("PReLU"))
