@@ -20,20 +20,29 @@ GRAD_TOL = {
 }
 
 
-def torch_act(y: Tensor, activation) -> Tensor:
+_MODULES = {
+    "relu": torch.nn.ReLU, "silu": torch.nn.SiLU, "gelu": torch.nn.GELU,
+    "relu6": torch.nn.ReLU6, "hardswish": torch.nn.Hardswish, "hardsigmoid": torch.nn.Hardsigmoid,
+    "sigmoid": torch.nn.Sigmoid, "tanh": torch.nn.Tanh, "mish": torch.nn.Mish,
+    "elu": torch.nn.ELU, "leaky_relu": lambda: torch.nn.LeakyReLU(0.01),
+    "gelu_tanh": lambda: torch.nn.GELU(approximate="tanh"),
+}
+
+
+def torch_module(activation) -> torch.nn.Module:
+    """PyTorch's own module for an activation spec (independent of batchnorm's table)."""
     if activation is None:
-        return y
-    if activation == "relu":
-        return F.relu(y)
-    if activation == "leaky_relu":
-        return F.leaky_relu(y, 0.01)
+        return torch.nn.Identity()
+    if isinstance(activation, torch.nn.Module):
+        return activation
     if isinstance(activation, tuple):
-        return F.leaky_relu(y, activation[1])
-    if activation == "silu":
-        return F.silu(y)
-    if activation == "gelu":
-        return F.gelu(y)
-    raise ValueError(activation)
+        name, param = activation
+        return {"leaky_relu": torch.nn.LeakyReLU, "elu": torch.nn.ELU}[name](param)
+    return _MODULES[activation]()
+
+
+def torch_act(y: Tensor, activation) -> Tensor:
+    return torch_module(activation)(y)
 
 
 def torch_bn(x, rm, rv, w, b, training, momentum, eps, activation=None, residual=None):

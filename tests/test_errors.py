@@ -87,9 +87,9 @@ def test_constructor_arguments():
     with pytest.raises(TypeError, match="momentum"):
         batchnorm.BatchNorm2d(3, momentum="fast")
     with pytest.raises(ValueError, match="activation"):
-        batchnorm.BatchNorm2d(3, activation="tanh")
+        batchnorm.BatchNorm2d(3, activation="softplus")
     with pytest.raises(ValueError, match="activation"):
-        batchnorm.BatchNorm2d(3, activation=torch.nn.GELU(approximate="tanh"))
+        batchnorm.BatchNorm2d(3, activation=torch.nn.Softplus())
     assert batchnorm.BatchNorm2d(3, activation=torch.nn.LeakyReLU(0.3)).activation == (
         "leaky_relu", 0.3)
 

@@ -10,7 +10,7 @@ from . import functional, kernels, stats
 from .activations import parse_activation
 from .nn import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .running import NonFiniteBatchWarning
-from .tools import convert_model
+from .tools import ConvertReport, convert_model
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "ConvertReport",
     "NonFiniteBatchWarning",
     "convert_model",
     "functional",

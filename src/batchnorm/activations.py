@@ -1,39 +1,225 @@
-"""Fused activations: the names users pass, and their reference forward and derivative.
+"""The one activation table: every backend, the modules and the converters read it.
 
-An activation is given as ``None``, a name (``"relu"``, ``"leaky_relu"``, ``"silu"``,
-``"gelu"``), a pair ``("leaky_relu", slope)``, or a module instance (``nn.ReLU()``,
-``nn.LeakyReLU(0.2)``, ``nn.SiLU()``, ``nn.GELU()``), so a timm-style ``act_layer`` converts.
-Internally it is the pair ``(name, slope)`` with ``name == "none"`` for no activation: the form
-that crosses the op boundary (custom-op schemas take a ``str`` and a ``float``).
+An activation is given as ``None``, a name (``"relu"``, ``"elu"``, ...), a pair
+``(name, parameter)`` for the activations that take one (``("leaky_relu", 0.2)``,
+``("elu", 0.5)``), or the PyTorch module that computes it (``nn.ReLU()``, ``nn.ELU(0.5)``,
+``nn.GELU(approximate="tanh")``, ...), so a timm-style ``act_layer`` converts. Internally it is
+the pair ``(name, param)``, ``name == "none"`` for no activation: the form that crosses the op
+boundary (the custom-op schemas take a ``str`` and a ``float``; the float, historically called
+``slope``, is the activation's parameter: the leaky slope, the ELU alpha, 0 otherwise).
 
-Derivatives, written as functions of the pre-activation ``p`` (recomputed in the backward
-from ``x``, never stored):
+Each :class:`Activation` entry holds, in one place: its name and the integer code the Numba and
+Triton kernels switch on, its parameter (name, default), the PyTorch module it is parsed from
+and converted back to, the reference forward (differentiable twice: the ``create_graph`` path
+differentiates it) and derivative, and, where the activation is a bijection, its inverse (in-place
+activated BN recovers the pre-activation from the output). Adding an activation is one entry
+here plus its two kernel functions in ``kernels/cpu/_kernels.py`` (``_act``, ``_grad``) and
+``kernels/triton.py`` (``_act_fwd``, ``_act_grad``).
 
-- relu: ``1[p > 0]``; leaky_relu: ``1`` if ``p > 0`` else ``slope`` (PyTorch's convention at 0);
-- silu: ``σ(p)·(1 + p·(1 - σ(p)))``;
-- gelu (erf form): ``Φ(p) + p·φ(p)`` with ``Φ(p) = ½(1 + erf(p/√2))``, ``φ(p) = e^{-p²/2}/√(2π)``.
+Derivatives, as functions of the pre-activation ``p`` (recomputed in the backward from ``x``,
+never stored). At a kink the value is PyTorch's own choice, so gradients match bit for bit there:
+
+- relu ``1[p > 0]``; leaky_relu ``1`` if ``p > 0`` else ``a``; relu6 ``1[0 < p < 6]``;
+- hardswish ``0`` if ``p ≤ -3``, ``p/3 + ½`` if ``p < 3``, else ``1``;
+  hardsigmoid ``1/6`` on ``-3 < p < 3``, else ``0`` (exactly 1/6: PyTorch's float64
+  ``hardsigmoid_backward`` multiplies by the float32 rounding of 1/6, 3e-8 off);
+- sigmoid ``σ(1 - σ)``; tanh ``1 - tanh²``; elu ``1`` if ``p > 0`` else ``a·eᵖ``;
+- silu ``σ(p)·(1 + p·(1 - σ(p)))``;
+- gelu (erf form) ``Φ(p) + p·φ(p)``, ``Φ(p) = ½(1 + erf(p/√2))``, ``φ(p) = e^{-p²/2}/√(2π)``;
+- gelu_tanh: ``y = ½p(1 + t)``, ``t = tanh(k(p + 0.044715p³))``, ``k = √(2/π)``:
+  ``½(1 + t) + ½p(1 - t²)·k(1 + 3·0.044715p²)``;
+- mish: ``y = p·t``, ``t = tanh(softplus(p))``: ``t + p·σ(p)·(1 - t²)``
+  (``softplus' = σ``).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "ActivationSpec", "parse_activation", "act_forward", "act_grad"]
-
-ACTIVATIONS = ("none", "relu", "leaky_relu", "silu", "gelu")
-DEFAULT_LEAKY_SLOPE = 0.01
+__all__ = ["ACTIVATIONS", "TABLE", "Activation", "ActivationSpec", "parse_activation",
+           "act_forward", "act_grad", "act_inverse", "invertible", "module_of", "spec_of"]
 
 ActivationSpec = Any  # None | str | tuple[str, float] | nn.Module, see parse_activation
+Fn = Callable[[Tensor, float], Tensor]
+
+INV_SQRT2 = 1.0 / math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+GELU_TANH_K = 0.044715  # the cubic coefficient of the tanh approximation of GELU
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One row of the table.
+
+    ``param``: the constructor keyword of ``module`` that holds the parameter (``None`` when the
+    activation has none); ``fixed``: constructor keywords whose value selects this activation
+    (``approximate="tanh"``); ``inverse``/``invertible``: ``act⁻¹(y, param)`` and whether it
+    exists for a given parameter; ``foreign``: the qualified names of other libraries' classes
+    that compute exactly this activation and take no parameter (timm's ``GELU``, ``Tanh``, ...),
+    parsed as it too (by name: this module imports no other library).
+    """
+
+    name: str
+    code: int
+    forward: Fn
+    grad: Fn
+    module: type[nn.Module] | None
+    param: str | None = None
+    default: float = 0.0
+    fixed: tuple[tuple[str, Any], ...] = ()
+    inverse: Fn | None = None
+    invertible: Callable[[float], bool] = lambda param: False
+    foreign: tuple[str, ...] = ()
+
+    def to_module(self, param: float) -> nn.Module | None:
+        if self.module is None:
+            return None
+        kwargs = dict(self.fixed)
+        if self.param is not None:
+            kwargs[self.param] = param
+        return self.module(**kwargs)
+
+
+def _ones(p: Tensor, a: float) -> Tensor:
+    return torch.ones_like(p)
+
+
+def _step(p: Tensor, a: float) -> Tensor:
+    return (p > 0).to(p.dtype)
+
+
+def _leaky_grad(p: Tensor, a: float) -> Tensor:
+    return torch.where(p > 0, torch.ones_like(p), torch.full_like(p, a))
+
+
+def _relu6_grad(p: Tensor, a: float) -> Tensor:
+    return ((p > 0) & (p < 6)).to(p.dtype)
+
+
+def _hardswish_grad(p: Tensor, a: float) -> Tensor:
+    mid = torch.where(p < 3, p / 3 + 0.5, torch.ones_like(p))
+    return torch.where(p <= -3, torch.zeros_like(p), mid)
+
+
+def _hardsigmoid(p: Tensor, a: float) -> Tensor:
+    # relu6(p + 3)/6: the same values as F.hardsigmoid, and differentiable twice (PyTorch has no
+    # derivative for hardsigmoid_backward, which the create_graph path would need)
+    return F.relu6(p + 3) / 6
+
+
+def _hardsigmoid_grad(p: Tensor, a: float) -> Tensor:
+    return ((p > -3) & (p < 3)).to(p.dtype) / 6
+
+
+def _sigmoid_grad(p: Tensor, a: float) -> Tensor:
+    s = torch.sigmoid(p)
+    return s * (1 - s)
+
+
+def _tanh_grad(p: Tensor, a: float) -> Tensor:
+    t = torch.tanh(p)
+    return 1 - t * t
+
+
+def _elu_grad(p: Tensor, a: float) -> Tensor:
+    return torch.where(p > 0, torch.ones_like(p), a * torch.exp(p))
+
+
+def _silu_grad(p: Tensor, a: float) -> Tensor:
+    s = torch.sigmoid(p)
+    return s * (1 + p * (1 - s))
+
+
+def _gelu_grad(p: Tensor, a: float) -> Tensor:
+    cdf = 0.5 * (1 + torch.erf(p * INV_SQRT2))
+    return cdf + p * torch.exp(-0.5 * p * p) * INV_SQRT_2PI
+
+
+def _gelu_tanh_grad(p: Tensor, a: float) -> Tensor:
+    t = torch.tanh(SQRT_2_OVER_PI * (p + GELU_TANH_K * p * p * p))
+    return 0.5 * (1 + t) + 0.5 * p * (1 - t * t) * SQRT_2_OVER_PI * (1 + 3 * GELU_TANH_K * p * p)
+
+
+def _mish_grad(p: Tensor, a: float) -> Tensor:
+    t = torch.tanh(F.softplus(p))
+    return t + p * torch.sigmoid(p) * (1 - t * t)
+
+
+def _leaky_inverse(y: Tensor, a: float) -> Tensor:
+    return torch.where(y > 0, y, y / a)
+
+
+def _elu_inverse(y: Tensor, a: float) -> Tensor:
+    return torch.where(y > 0, y, torch.log1p(y / a))
+
+
+def _positive(param: float) -> bool:
+    return param > 0
+
+
+def _always(param: float) -> bool:
+    return True
+
+
+_TIMM = "timm.layers.activations"  # timm's own activation classes (no parameter, exact)
+
+_ENTRIES = (
+    Activation("none", 0, lambda p, a: p, _ones, nn.Identity,
+               inverse=lambda y, a: y, invertible=_always),
+    Activation("relu", 1, lambda p, a: F.relu(p), _step, nn.ReLU),
+    Activation("leaky_relu", 2, F.leaky_relu, _leaky_grad, nn.LeakyReLU,
+               param="negative_slope", default=0.01, inverse=_leaky_inverse,
+               invertible=_positive),
+    Activation("silu", 3, lambda p, a: F.silu(p), _silu_grad, nn.SiLU,
+               foreign=(f"{_TIMM}.Swish",)),
+    Activation("gelu", 4, lambda p, a: F.gelu(p), _gelu_grad, nn.GELU,
+               fixed=(("approximate", "none"),), foreign=(f"{_TIMM}.GELU",)),
+    Activation("relu6", 5, lambda p, a: F.relu6(p), _relu6_grad, nn.ReLU6),
+    Activation("hardswish", 6, lambda p, a: F.hardswish(p), _hardswish_grad, nn.Hardswish,
+               foreign=(f"{_TIMM}.HardSwish",)),
+    Activation("hardsigmoid", 7, _hardsigmoid, _hardsigmoid_grad, nn.Hardsigmoid,
+               foreign=(f"{_TIMM}.HardSigmoid",)),
+    Activation("sigmoid", 8, lambda p, a: torch.sigmoid(p), _sigmoid_grad, nn.Sigmoid,
+               inverse=lambda y, a: torch.logit(y), invertible=_always,
+               foreign=(f"{_TIMM}.Sigmoid",)),
+    Activation("tanh", 9, lambda p, a: torch.tanh(p), _tanh_grad, nn.Tanh,
+               inverse=lambda y, a: torch.atanh(y), invertible=_always,
+               foreign=(f"{_TIMM}.Tanh",)),
+    Activation("elu", 10, lambda p, a: F.elu(p, a), _elu_grad, nn.ELU, param="alpha",
+               default=1.0, inverse=_elu_inverse, invertible=_positive),
+    Activation("mish", 11, lambda p, a: F.mish(p), _mish_grad, nn.Mish,
+               foreign=(f"{_TIMM}.Mish",)),
+    Activation("gelu_tanh", 12, lambda p, a: F.gelu(p, approximate="tanh"), _gelu_tanh_grad,
+               nn.GELU, fixed=(("approximate", "tanh"),), foreign=(f"{_TIMM}.GELUTanh",)),
+)
+
+TABLE: dict[str, Activation] = {e.name: e for e in _ENTRIES}
+ACTIVATIONS = tuple(TABLE)
+CODES: dict[str, int] = {e.name: e.code for e in _ENTRIES}
+_WITH_PARAM = tuple(e.name for e in _ENTRIES if e.param is not None)
+
+
+def _check_param(name: str, value: object) -> float:
+    entry = TABLE[name]
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"activation: {name} {entry.param} must be a real number, got "
+                        f"{type(value).__name__}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"activation: {name} {entry.param} must be finite, got {value}")
+    return float(value)
 
 
 def parse_activation(activation: ActivationSpec) -> tuple[str, float]:
-    """Normalize what a user passes into ``(name, slope)``; raise a clear error otherwise."""
+    """Normalize what a user passes into ``(name, param)``; raise a clear error otherwise."""
     if activation is None:
         return "none", 0.0
     if isinstance(activation, nn.Module):
@@ -42,99 +228,85 @@ def parse_activation(activation: ActivationSpec) -> tuple[str, float]:
         name = activation.lower()
         if name == "identity":
             name = "none"
-        if name not in ACTIVATIONS:
+        if name not in TABLE:
             raise ValueError(
-                f"activation: expected None or one of {ACTIVATIONS[1:]} (or ('leaky_relu', "
-                f"slope)), got {activation!r}"
+                f"activation: expected None or one of {ACTIVATIONS[1:]} (or (name, parameter) "
+                f"for {_WITH_PARAM}), got {activation!r}"
             )
-        return name, (DEFAULT_LEAKY_SLOPE if name == "leaky_relu" else 0.0)
+        return name, TABLE[name].default
     if isinstance(activation, tuple) and len(activation) == 2:
-        name, slope = activation
-        if name != "leaky_relu":
+        name, param = activation
+        if name not in _WITH_PARAM:
             raise ValueError(
-                f"activation: only 'leaky_relu' takes a parameter, got {activation!r}"
+                f"activation: only {_WITH_PARAM} take a parameter, got {activation!r}"
             )
-        if isinstance(slope, bool) or not isinstance(slope, numbers.Real):
-            raise TypeError(
-                f"activation: leaky_relu slope must be a real number, got {type(slope).__name__}"
-            )
-        if not math.isfinite(float(slope)):
-            raise ValueError(f"activation: leaky_relu slope must be finite, got {slope}")
-        return "leaky_relu", float(slope)
+        return name, _check_param(name, param)
     raise TypeError(
-        "activation: expected None, a name such as 'relu', ('leaky_relu', slope) or an "
-        f"activation module, got {type(activation).__name__}"
+        "activation: expected None, a name such as 'relu', (name, parameter) such as "
+        f"('leaky_relu', 0.2) or an activation module, got {type(activation).__name__}"
     )
 
 
 def _from_module(module: nn.Module) -> tuple[str, float]:
-    if isinstance(module, nn.Identity):
-        return "none", 0.0
-    if isinstance(module, nn.ReLU):
-        return "relu", 0.0
-    if isinstance(module, nn.LeakyReLU):
-        return "leaky_relu", float(module.negative_slope)
-    if isinstance(module, nn.SiLU):
-        return "silu", 0.0
-    if isinstance(module, nn.GELU) and module.approximate == "none":
-        return "gelu", 0.0
+    # The exact class, not isinstance: a subclass may compute something else.
+    kind = type(module)
+    qualified = f"{kind.__module__}.{kind.__qualname__}"
+    for entry in _ENTRIES:
+        if qualified in entry.foreign:
+            return entry.name, entry.default
+        if type(module) is entry.module and all(
+                getattr(module, k, None) == v for k, v in entry.fixed):
+            if entry.param is None:
+                return entry.name, 0.0
+            return entry.name, _check_param(entry.name, getattr(module, entry.param))
+    names = ", ".join(sorted({f"nn.{e.module.__name__}" for e in _ENTRIES if e.module}))
     raise ValueError(
-        "activation: module must be nn.ReLU, nn.LeakyReLU, nn.SiLU, nn.GELU() (erf form) or "
-        f"nn.Identity, got {module!r}"
+        f"activation: module must be one of {names} (nn.GELU with approximate 'none' or "
+        f"'tanh'), got {module!r}"
     )
 
 
-def spec_of(name: str, slope: float) -> ActivationSpec:
-    """The user-facing spec of ``(name, slope)``: inverse of :func:`parse_activation`."""
+def spec_of(name: str, param: float) -> ActivationSpec:
+    """The user-facing spec of ``(name, param)``: inverse of :func:`parse_activation`."""
     if name == "none":
         return None
-    if name == "leaky_relu" and slope != DEFAULT_LEAKY_SLOPE:
-        return ("leaky_relu", slope)
+    if TABLE[name].param is not None and param != TABLE[name].default:
+        return (name, param)
     return name
 
 
-def module_of(name: str, slope: float) -> nn.Module | None:
+def module_of(name: str, param: float) -> nn.Module | None:
     """An ``nn.Module`` computing the activation (used when converting to plain PyTorch)."""
-    return {
-        "none": None,
-        "relu": nn.ReLU(),
-        "leaky_relu": nn.LeakyReLU(slope),
-        "silu": nn.SiLU(),
-        "gelu": nn.GELU(),
-    }[name]
-
-
-def act_forward(pre: Tensor, name: str, slope: float) -> Tensor:
-    """Differentiable reference forward (plain PyTorch ops)."""
     if name == "none":
-        return pre
-    if name == "relu":
-        return F.relu(pre)
-    if name == "leaky_relu":
-        return F.leaky_relu(pre, slope)
-    if name == "silu":
-        return F.silu(pre)
-    if name == "gelu":
-        return F.gelu(pre)
-    raise ValueError(f"unknown activation {name!r}")
+        return None
+    return TABLE[name].to_module(param)
 
 
-_INV_SQRT2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+def act_forward(pre: Tensor, name: str, param: float) -> Tensor:
+    """Differentiable (twice) reference forward, in plain PyTorch ops."""
+    return _entry(name).forward(pre, param)
 
 
-def act_grad(pre: Tensor, name: str, slope: float) -> Tensor:
+def act_grad(pre: Tensor, name: str, param: float) -> Tensor:
     """Derivative of the activation at ``pre``; see the module docstring for the formulas."""
-    if name == "relu":
-        return (pre > 0).to(pre.dtype)
-    if name == "leaky_relu":
-        return torch.where(pre > 0, torch.ones_like(pre), torch.full_like(pre, slope))
-    if name == "silu":
-        s = torch.sigmoid(pre)
-        return s * (1 + pre * (1 - s))
-    if name == "gelu":
-        cdf = 0.5 * (1 + torch.erf(pre * _INV_SQRT2))
-        return cdf + pre * torch.exp(-0.5 * pre * pre) * _INV_SQRT_2PI
-    if name == "none":
-        return torch.ones_like(pre)
-    raise ValueError(f"unknown activation {name!r}")
+    return _entry(name).grad(pre, param)
+
+
+def invertible(name: str, param: float) -> bool:
+    """Whether ``act`` is a bijection onto its range, so ``pre`` can be recovered from ``y``."""
+    return _entry(name).invertible(param)
+
+
+def act_inverse(y: Tensor, name: str, param: float) -> Tensor:
+    """``act⁻¹(y)``; raises for an activation that is not invertible (see :func:`invertible`)."""
+    entry = _entry(name)
+    if entry.inverse is None or not entry.invertible(param):
+        raise ValueError(f"activation: {name} (parameter {param}) is not invertible")
+    return entry.inverse(y, param)
+
+
+def _entry(name: str) -> Activation:
+    try:
+        return TABLE[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}") from None

@@ -64,15 +64,44 @@ def batch_norm(
         training: use batch statistics (and update the running ones).
         momentum: factor of the running-statistics update. Default: 0.1
         eps: added to the variance. Default: 1e-5
-        activation: ``None``, ``"relu"``, ``"leaky_relu"`` (slope 0.01), ``("leaky_relu", s)``,
-            ``"silu"``, ``"gelu"`` or the matching ``nn`` module, applied last. Default: None
+        activation: ``None``, a name of :data:`batchnorm.activations.ACTIVATIONS`
+            (``"relu"``, ``"leaky_relu"`` (slope 0.01), ``"silu"``, ``"gelu"``,
+            ``"gelu_tanh"``, ``"relu6"``, ``"hardswish"``, ``"hardsigmoid"``, ``"sigmoid"``,
+            ``"tanh"``, ``"elu"`` (alpha 1), ``"mish"``), ``("leaky_relu", s)``,
+            ``("elu", alpha)`` or the matching ``nn`` module, applied last. Default: None
         residual: tensor of ``input``'s shape added after the affine transform, before the
             activation. Default: None
     """
+    if isinstance(input, Tensor) and input.dim() == 1 and input.numel() == 0:
+        return _empty_1d(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                         activation, residual)
     return batch_norm_impl(
         input, running_mean, running_var, weight, bias, training, momentum, eps,
         activation=activation, residual=residual,
     )
+
+
+def _empty_1d(input: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+              weight: Tensor | None, bias: Tensor | None, training: bool,
+              momentum: float | None, eps: float, activation: ActivationSpec,
+              residual: Tensor | None) -> Tensor:
+    """A 1-D input with no element: PyTorch returns an empty result (whatever the running
+    statistics hold; a 1-D input has no channel dimension to match them against) and changes
+    nothing, and so does this. The arguments still get their type and value checks."""
+    check_input(input, min_dim=1)
+    parse_activation(activation)
+    check_eps(eps, bool(training))
+    if momentum is not None and not math.isfinite(_real("momentum", momentum)):
+        raise ValueError(f"momentum: expected a finite number, got {momentum}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias), ("residual", residual)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
+    if residual is not None and residual.shape != input.shape:
+        raise BatchNormValueError(
+            f"residual: expected the shape of input {tuple(input.shape)}, got "
+            f"{tuple(residual.shape)}")
+    return input.clone()
 
 
 def batch_norm_impl(

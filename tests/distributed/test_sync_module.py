@@ -87,7 +87,7 @@ def test_constructor_checks_repr_and_state_dict_are_shared():
     with pytest.raises(TypeError, match="eps"):
         batchnorm.SyncBatchNorm(3, eps="small")
     with pytest.raises(ValueError, match="activation"):
-        batchnorm.SyncBatchNorm(3, activation="tanh")
+        batchnorm.SyncBatchNorm(3, activation="softplus")
     m = batchnorm.SyncBatchNorm(5, momentum=None, activation=("leaky_relu", 0.2))
     assert "SyncBatchNorm(5" in repr(m) and "activation=('leaky_relu', 0.2)" in repr(m)
     theirs = nn.SyncBatchNorm(5)

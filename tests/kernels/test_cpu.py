@@ -20,11 +20,12 @@ pytest.importorskip("numba")
 from batchnorm import functional as BF  # noqa: E402
 from batchnorm import kernels  # noqa: E402
 from batchnorm import stats as S  # noqa: E402
+from batchnorm.activations import ACTIVATIONS  # noqa: E402
 
 CPU = kernels.get_backend("cpu")
 REF = kernels.get_backend("reference")
-ACTS = ("none", "relu", "leaky_relu", "silu", "gelu")
-SLOPE = 0.2
+ACTS = ACTIVATIONS  # every activation of the table
+SLOPE = 0.2  # the activation's parameter: leaky slope, elu alpha
 
 # (canonical shape, what it exercises)
 SHAPES = [
@@ -70,7 +71,7 @@ def test_backend_is_available_and_registered():
 @pytest.mark.parametrize("act", ACTS)
 def test_forward_backward_against_reference(shape, act):
     dtype = torch.float32
-    residual = act in ("relu", "gelu")
+    residual = act in ("relu", "gelu", "relu6", "sigmoid", "elu", "gelu_tanh")
     x, w, b, r = _inputs(shape, dtype, residual)
     n = x.numel() // shape[1]
     ours = CPU.forward_train(x, w, b, r, 1e-5, act, SLOPE)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from unittest import mock
+
 import pytest
 import torch
 from torch import nn
@@ -56,16 +59,89 @@ def test_batchnorm_act_converted_with_fused_activation(act):
     torch.testing.assert_close(out[1].running_var, ref[1].running_var)
 
 
+@pytest.mark.parametrize("layer, kept, why", [
+    (BatchNormAct2d(3, act=nn.Softplus()), ["act"], "not an activation we fuse"),
+    (BatchNormAct2d(3, act=nn.PReLU()), ["act"], "not an activation we fuse"),
+    (BatchNormAct2d(3, drop=nn.Dropout(0.2)), ["drop", "act"], "runs between"),
+    (BatchNormAct2d(3, act=nn.Hardswish(), drop=nn.Dropout(0.2)), ["drop", "act"],
+     "runs between"),
+])
+def test_batchnorm_act_keeps_what_it_cannot_fuse(layer, kept, why):
+    """Never refused over an activation or a dropout: they stay after our norm, unfused, under
+    the same names (same state_dict keys), the report names them, and the outputs (training
+    with the same dropout masks, and eval) and gradients stay the original's; converting back
+    gives the original class."""
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)  # float64: gradients compared tightly
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), layer).double()
+    ref = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    out, report = batchnorm.convert_model(model, return_report=True)
+    assert type(out[1]) is batchnorm.BatchNorm2d and out[1].activation is None
+    assert list(out[1].unfused_modules()) == kept
+    assert list(out.state_dict()) == keys
+    assert [(p, list(k), w) for p, k, w in report.kept_unfused] == [("1", kept, mock.ANY)]
+    assert why in report.kept_unfused[0][2] and "kept unfused" in str(report)
+    for training in (True, False):
+        ref.train(training)
+        out.train(training)
+        torch.manual_seed(3)
+        want = ref(x)
+        torch.manual_seed(3)
+        got = out(x)
+        torch.testing.assert_close(got, want)
+        got.square().sum().backward()
+        want.square().sum().backward()
+        for a, b in zip(out.parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(out[1].running_mean, ref[1].running_mean)
+    back = batchnorm.convert_model(out, "torch")
+    assert type(back[1]) is type(layer) and list(back.state_dict()) == keys
+    assert [type(m) for m in back[1].children()] == [type(m) for m in layer.children()]
+    torch.testing.assert_close(back(x), ref(x))
+
+
 @pytest.mark.parametrize("layer, message", [
-    (BatchNormAct2d(3, act=nn.Tanh()), "not one we fuse"),
-    (BatchNormAct2d(3, drop=nn.Dropout(0.2)), "drop module"),
     (ScaledBatchNormAct2d(3), "does not reproduce"),
+    (ScaledBatchNormAct2d(3, act=nn.PReLU()), "does not reproduce"),
 ])
 def test_batchnorm_act_refused_and_model_unchanged(layer, message):
     model = nn.Sequential(nn.BatchNorm2d(3), layer)
     with pytest.raises(ValueError, match=message):
         batchnorm.convert_model(model)
     assert type(model[0]) is nn.BatchNorm2d and model[1] is layer
+
+
+def test_round_trip_restores_classes_keys_and_outputs():
+    x = torch.randn(4, 3, 5, 5)
+    model = nn.Sequential(nn.BatchNorm2d(3), BatchNormAct2d(3, act=nn.GELU(approximate="tanh")),
+                          BatchNormAct2d(3, act=nn.Identity()), nn.SyncBatchNorm(3))
+    _trained(model, x)
+    model.eval()
+    expected, keys = model(x), list(model.state_dict())
+    types = [type(m) for m in model.modules()]
+    ours = batchnorm.convert_model(model, sync_to=batchnorm.BatchNorm2d)
+    assert [type(m) for m in ours] == [batchnorm.BatchNorm2d] * 4
+    assert ours[1].activation == "gelu_tanh"
+    back = batchnorm.convert_model(ours, "torch")
+    assert [type(m) for m in back.modules()] == types
+    assert list(back.state_dict()) == keys
+    torch.testing.assert_close(back(x), expected)
+    # a change made on our layer in between is carried back
+    again = batchnorm.convert_model(batchnorm.convert_model(back), "torch")
+    assert [type(m) for m in again.modules()] == types
+    # a layer that did not come from a conversion: PyTorch's class, or a Sequential
+    plain = batchnorm.convert_model(batchnorm.BatchNorm2d(3, activation="mish"), "torch",
+                                    unfuse_activations=True)
+    assert type(plain) is nn.Sequential and type(plain.act) is nn.Mish
+
+
+def test_round_trip_after_changing_our_layer_uses_the_generic_path():
+    ours = batchnorm.convert_model(nn.Sequential(BatchNormAct2d(3)))
+    ours[0].activation = "tanh"  # no longer what the original computed
+    with pytest.raises(ValueError, match="fused activation"):
+        batchnorm.convert_model(ours, "torch")
+    back = batchnorm.convert_model(ours, "torch", unfuse_activations=True)
+    assert type(back[0]) is nn.Sequential and type(back[0].act) is nn.Tanh
 
 
 def test_batchnorm_act_with_extra_submodule_refused():
@@ -111,3 +187,22 @@ def test_bad_sync_to():
         batchnorm.convert_model(nn.Identity(), sync_to=nn.BatchNorm2d)
     with pytest.raises(ValueError, match="sync_to"):
         batchnorm.convert_model(nn.Identity(), "torch", sync_to=batchnorm.BatchNorm2d)
+
+
+def test_kept_modules_travel_with_sync_fold_and_are_refused_by_freeze():
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), BatchNormAct2d(3, act=nn.PReLU())).double()
+    ours = batchnorm.convert_model(model)
+    _trained(ours, x)
+    ours.eval()
+    expected = ours(x)
+    sync = batchnorm.convert_sync_batchnorm(copy.deepcopy(ours))
+    assert type(sync[1]) is batchnorm.SyncBatchNorm and list(sync[1].unfused_modules()) == ["act"]
+    torch.testing.assert_close(sync.eval()(x), expected)
+    folded = batchnorm.fold(copy.deepcopy(ours), x)
+    torch.testing.assert_close(folded(x), expected)
+    with pytest.raises(ValueError, match="applies modules after the norm"):
+        batchnorm.freeze(ours)
+    assert type(ours[1]) is batchnorm.BatchNorm2d
+    with pytest.raises(TypeError, match="modules"):
+        ours[1].keep_after({"act": "relu"})

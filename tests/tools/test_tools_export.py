@@ -33,6 +33,13 @@ def conv_model() -> nn.Module:
     )
 
 
+def every_activation() -> nn.Module:
+    """One layer per activation of the table, each translated to ONNX."""
+    return nn.Sequential(*(batchnorm.BatchNorm2d(3, activation=spec) for spec in (
+        "relu6", "hardswish", "hardsigmoid", "sigmoid", "tanh", ("elu", 0.7), "mish",
+        "gelu_tanh", "gelu", "silu")))
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(5, 6), batchnorm.BatchNorm1d(6, activation="leaky_relu"),
                          nn.Unflatten(1, (2, 3)), batchnorm.BatchNorm1d(2))
@@ -51,7 +58,8 @@ def trained(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("make, shape", [(conv_model, (2, 3, 8, 8)), (mlp, (4, 5))])
+@pytest.mark.parametrize("make, shape", [(conv_model, (2, 3, 8, 8)), (mlp, (4, 5)),
+                                         (every_activation, (2, 3, 4, 4))])
 def test_torch_export_and_onnx_round_trip(make, shape, tmp_path):
     x = torch.randn(*shape)
     model = trained(make(), x)

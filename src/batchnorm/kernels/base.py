@@ -8,7 +8,9 @@ Kernels see two canonical shapes only (see :mod:`batchnorm.layout`):
 Per-channel vectors (``mean``, ``rstd``, ``scale``, ``shift``, sums) are ``(C,)`` in the
 accumulation dtype (:func:`batchnorm.stats.accumulation_dtype`). ``residual`` has the canonical
 shape of ``x``. ``act`` is a name from :data:`batchnorm.activations.ACTIVATIONS` and ``slope``
-the leaky-ReLU slope. Arguments are valid: the functional layer checked them.
+the activation's parameter (leaky-ReLU slope, ELU alpha; 0 for the others): the one activation
+table, :mod:`batchnorm.activations`, gives each backend its codes and formulas.
+Arguments are valid: the functional layer checked them.
 
 The math (see :mod:`batchnorm.stats`)::
 
@@ -73,6 +75,11 @@ class Backend(ABC):
 
     def supports(self, x: Tensor) -> bool:
         """Whether this backend handles a canonical tensor ``x`` (device, dtype, layout)."""
+        return True
+
+    def fuses_fast(self, act: str) -> bool:
+        """Whether this backend's fused ``act`` is measured faster than our layer followed by
+        PyTorch's own activation (what :func:`batchnorm.fuse` fuses)."""
         return True
 
     def prefers(self, x: Tensor) -> bool:

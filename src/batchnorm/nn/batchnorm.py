@@ -47,6 +47,7 @@ class _BatchNormBase(_BatchNorm):
     _dims: tuple[int, ...] = ()
     save: str = "input"  # instance attributes; class defaults for subclasses that never set them
     inplace: bool = False
+    _unfused: tuple[str, ...] = ()  # class default too: layers pickled before it existed
 
     def __init__(
         self,
@@ -73,6 +74,8 @@ class _BatchNormBase(_BatchNorm):
         self.activation: ActivationSpec = spec_of(*act)
         self.save, self.inplace = save, inplace  # the memory mode (batchnorm.ops.saved_output)
         self.layer_name: str | None = None
+        # names of child modules applied after the fused part, in order (see keep_after)
+        self._unfused: tuple[str, ...] = ()
         self._reported_skips = 0
         self.num_batches_skipped: Tensor | None
         if track_running_stats:
@@ -83,6 +86,30 @@ class _BatchNormBase(_BatchNorm):
             )
         else:
             self.register_buffer("num_batches_skipped", None, persistent=False)
+
+    def keep_after(self, modules: dict[str, torch.nn.Module]) -> None:
+        """Apply ``modules`` (name → module, in order) after the fused batch norm and
+        activation, unfused, as children under those names (so ``state_dict`` keys are
+        ``<layer>.<name>.*``). :func:`batchnorm.convert_model` uses it for what a converted
+        layer carried that we do not fuse (a timm ``BatchNormAct2d``'s dropout, an activation
+        outside the table)."""
+        for name in self._unfused:
+            delattr(self, name)
+        for name, module in modules.items():
+            if not isinstance(module, torch.nn.Module):
+                raise TypeError(f"modules: expected torch.nn.Module values, got "
+                                f"{type(module).__name__} for {name!r}")
+            self.add_module(name, module)
+        self._unfused = tuple(modules)
+
+    def unfused_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules applied after the fused part (see :meth:`keep_after`), in order."""
+        return {name: self._modules[name] for name in self._unfused}  # type: ignore[misc]
+
+    def _after(self, y: Tensor) -> Tensor:
+        for name in self._unfused:
+            y = self._modules[name](y)  # type: ignore[misc]
+        return y
 
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
@@ -142,7 +169,7 @@ class _BatchNormBase(_BatchNorm):
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = self.training and self.track_running_stats
         pass_buffers = not self.training or self.track_running_stats
-        return batch_norm_impl(
+        y = batch_norm_impl(
             input,
             self.running_mean if pass_buffers else None,
             self.running_var if pass_buffers else None,
@@ -159,6 +186,7 @@ class _BatchNormBase(_BatchNorm):
             save=self.save,
             inplace=self.inplace,
         )
+        return self._after(y) if self._unfused else y
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """Called by ``torch.jit.script`` before it compiles a model: our forward is Python
@@ -222,12 +250,15 @@ _DOC = r"""Batch normalization over a {rank} input (Ioffe & Szegedy, 2015), a dr
         track_running_stats: keep running estimates for eval. Default: True
         device, dtype: factory arguments for parameters and buffers. Default: None
         bias: learnable β when ``affine``. Default: True
-        activation: ``None``, ``"relu"``, ``"leaky_relu"``, ``("leaky_relu", slope)``,
-            ``"silu"``, ``"gelu"`` or the matching ``nn`` module, applied last. Default: None
+        activation: ``None``, a name of :data:`batchnorm.activations.ACTIVATIONS`
+            (``"relu"``, ``"leaky_relu"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"``,
+            ``"relu6"``, ``"hardswish"``, ``"hardsigmoid"``, ``"sigmoid"``, ``"tanh"``,
+            ``"elu"``, ``"mish"``), ``("leaky_relu", slope)``, ``("elu", alpha)`` or the
+            matching ``nn`` module, applied last. Default: None
         save: what training keeps for the backward: ``"input"``, or ``"output"`` (in-place
             activated BN: only the output, from which the backward recovers the normalized
-            input; needs an invertible activation, ``None`` or ``"leaky_relu"``; see
-            ``docs/saved_output.md``). Default: ``"input"``
+            input; needs an invertible activation; see the memory-saving page of the
+            documentation). Default: ``"input"``
         inplace: with ``save="output"``, write the output into the input's storage and return
             the input tensor. Default: False
 

@@ -173,6 +173,12 @@ def _freeze_one(m: nn.Module, path: str) -> nn.Module | None:
         raise ValueError(
             f"freeze: layer {where!r} is a {kind.__module__}.{kind.__qualname__}, whose eval "
             "mode freeze does not know to be plain BN; the model was left unchanged")
+    unfused: tuple[str, ...] = getattr(m, "_unfused", ())
+    if unfused:
+        raise ValueError(
+            f"freeze: layer {where!r} ({type(m).__name__}) applies modules after the norm "
+            f"({', '.join(unfused)}) that a frozen layer cannot hold; the model was left "
+            "unchanged")
     if m.running_mean is None or m.running_var is None:
         raise ValueError(
             f"freeze: layer {where!r} ({type(m).__name__}) has no running statistics "

@@ -60,8 +60,11 @@ class SyncBatchNorm(_BatchNormBase):
             Default: None
         device, dtype: factory arguments for parameters and buffers. Default: None
         bias: learnable β when ``affine``. Default: True
-        activation: ``None``, ``"relu"``, ``"leaky_relu"``, ``("leaky_relu", slope)``,
-            ``"silu"``, ``"gelu"`` or the matching ``nn`` module, applied last. Default: None
+        activation: ``None``, a name of :data:`batchnorm.activations.ACTIVATIONS`
+            (``"relu"``, ``"leaky_relu"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"``,
+            ``"relu6"``, ``"hardswish"``, ``"hardsigmoid"``, ``"sigmoid"``, ``"tanh"``,
+            ``"elu"``, ``"mish"``), ``("leaky_relu", slope)``, ``("elu", alpha)`` or the
+            matching ``nn`` module, applied last. Default: None
 
     Shape:
         - Input: ``(N, C, *)`` (any rank ≥ 2, any memory format); output: the same.
@@ -117,7 +120,7 @@ class SyncBatchNorm(_BatchNormBase):
         if not (self.training and is_distributed(self.process_group)):
             return super().forward(input, residual)
         track = self.track_running_stats
-        return sync_batch_norm(
+        y = sync_batch_norm(
             input,
             self.running_mean if track else None,
             self.running_var if track else None,
@@ -133,6 +136,7 @@ class SyncBatchNorm(_BatchNormBase):
             process_group=self.process_group,
             extra_check=lambda: self._check_input_dim(input),
         )
+        return self._after(y) if self._unfused else y
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,6 +160,8 @@ def _to_sync(m: nn.Module, path: str, process_group: Any) -> SyncBatchNorm:
                         activation=getattr(m, "activation", None))
     new.layer_name = getattr(m, "layer_name", None) or path or None
     move_state(m, new)
+    if isinstance(m, _BatchNormBase) and m._unfused:
+        new.keep_after(m.unfused_modules())
     if hasattr(m, "qconfig"):
         new.qconfig = m.qconfig
     return new

@@ -1,6 +1,6 @@
 """Tools around batch normalization: convert, fold, recalibrate, monitor, export."""
 
-from .convert import convert_model, register_conversion
+from .convert import ConvertReport, convert_model, register_conversion
 from .export import export_onnx, export_program, onnx_translations
 from .fold import FoldedEpilogue, FoldReport, fold, is_batch_norm
 from .fuse import FuseReport, fuse
@@ -10,6 +10,7 @@ from .save_output import SaveReport, save_output
 
 __all__ = [
     "ActivationMonitor",
+    "ConvertReport",
     "FoldReport",
     "FoldedEpilogue",
     "FuseReport",

@@ -13,11 +13,20 @@ Beyond the plain classes:
   (or 1d/3d) asks for that class explicitly, dropping the synchronization knowingly. Without
   either, the layer is refused.
 - A subclass of PyTorch's ``BatchNorm1d/2d/3d`` that carries an activation module as ``.act``
-  (and optionally a ``.drop`` that is an identity), as timm's ``BatchNormAct2d``, becomes our
-  class with that activation fused — when the activation is one we fuse, the subclass has no
-  other submodule, parameter or buffer, and the converted layer reproduces the original's
-  output and running-statistics update on a probe input in eval and in training mode (so a
-  subclass whose ``forward`` does something else is refused, not silently changed).
+  and optionally a ``.drop`` (timm's ``BatchNormAct2d``) becomes our class. Its activation is
+  fused when it is in the table (:mod:`batchnorm.activations`) and nothing runs between the
+  norm and it (``drop`` an identity); otherwise ``drop`` and ``act`` are kept after our norm,
+  unfused, as children of the same names (``keep_after`` of our layers), so the
+  ``state_dict`` keys stay the original's. The report names every layer that keeps
+  modules. The subclass is refused only where the swap could change behaviour: it has other
+  submodules, parameters or buffers, or the converted layer does not reproduce the original's
+  output and running-statistics update on a probe input, in eval and in training mode (dropout
+  drawing the same masks), so a subclass whose ``forward`` does something else is refused.
+- Converting back (``target="torch"``) restores the class the layer came from: the layer
+  remembers a stateless copy of the original (its class, configuration and stateless
+  submodules; ``_Origin``), and the state is moved back into a copy of it. A layer of ours that
+  did not come from a conversion becomes PyTorch's plain class (``unfuse_activations=True``:
+  ``nn.Sequential(bn, act)`` where it fuses an activation).
 - Our layers that are already of the target's family are left alone; one of ours that has no
   PyTorch counterpart (a variant) is refused for ``target="torch"``.
 """
@@ -28,18 +37,19 @@ import copy
 import importlib
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
 
-from ..activations import module_of, parse_activation
+from ..activations import module_of, parse_activation, spec_of
 from ..nn._common import swap_modules
 from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase
 from .fold import is_batch_norm
 from .save_output import save_output
 
-__all__ = ["convert_model", "register_conversion"]
+__all__ = ["ConvertReport", "convert_model", "register_conversion"]
 
 _TO_OURS: dict[type, type] = {
     nn.BatchNorm1d: BatchNorm1d,
@@ -86,6 +96,73 @@ def _config(m: nn.modules.batchnorm._BatchNorm) -> dict:
                 track_running_stats=m.track_running_stats)
 
 
+@dataclass
+class ConvertReport:
+    """What :func:`convert_model` did.
+
+    ``converted``: ``(path, from class, to class)`` per swapped layer; ``kept_unfused``:
+    ``(path, {name: module repr}, why)`` per layer that keeps modules after the norm, unfused.
+    """
+
+    converted: list[tuple[str, str, str]] = field(default_factory=list)
+    kept_unfused: list[tuple[str, dict[str, str], str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} layer(s)"]
+        for path, kept, why in self.kept_unfused:
+            mods = ", ".join(f"{k}={v}" for k, v in kept.items())
+            lines.append(f"  {path}: kept unfused after the norm: {mods} ({why})")
+        return "\n".join(lines)
+
+
+def _qualname(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+class _Origin:
+    """What converting back needs to rebuild the user's layer: ``shell``, a copy of the
+    original module without parameters or buffers (its class, attributes and stateless
+    submodules; ``None`` in place of the submodules our layer keeps, which are taken from it),
+    and ``activation``, the activation our layer was given (a later change of it means the
+    shell no longer describes the layer). A plain object, not a module: it adds no
+    ``state_dict`` key, and ``.to()`` has nothing to move in it."""
+
+    __slots__ = ("shell", "activation")
+
+    def __init__(self, original: nn.Module, kept: tuple[str, ...], activation: Any) -> None:
+        shell = copy.copy(original)  # a new object whose __dict__ is a shallow copy
+        shell._parameters = {k: None for k in original._parameters}
+        shell._buffers = {k: None for k in original._buffers}
+        shell._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
+        shell._modules = {k: None if k in kept else copy.deepcopy(v)
+                          for k, v in original._modules.items()}
+        self.shell, self.activation = shell, activation
+
+    def rebuild(self, ours: _BatchNormBase) -> nn.Module | None:
+        """The original class with ``ours``'s state, or ``None`` when ``ours`` has changed
+        since (another activation, other kept modules): the generic path converts it then."""
+        shell = self.shell
+        kept = tuple(k for k, v in shell._modules.items() if v is None)
+        if ours.activation != self.activation or kept != ours._unfused:
+            return None
+        new = copy.copy(shell)
+        new._parameters = dict(shell._parameters)
+        new._buffers = dict(shell._buffers)
+        new._non_persistent_buffers_set = set(shell._non_persistent_buffers_set)
+        new._modules = {k: ours._modules[k] if v is None else copy.deepcopy(v)
+                        for k, v in shell._modules.items()}
+        for key, value in _config(ours).items():  # a later change on our layer wins
+            setattr(new, key, value)
+        return move_state(ours, new)
+
+
+def _remember(new: nn.Module, original: nn.Module) -> None:
+    """Record ``original``'s class on ``new`` for the way back (see :class:`_Origin`)."""
+    if isinstance(new, _BatchNormBase):
+        new._convert_origin = _Origin(  # type: ignore[assignment]
+            original, new._unfused, new.activation)
+
+
 def _to_ours(m: nn.Module, path: str) -> nn.Module:
     new = _TO_OURS[type(m)](**_config(m))  # type: ignore[arg-type]
     new.layer_name = path or None
@@ -95,17 +172,23 @@ def _to_ours(m: nn.Module, path: str) -> nn.Module:
 def _to_torch(m: nn.Module, path: str, unfuse_activations: bool) -> nn.Module:
     assert isinstance(m, _BatchNormBase)
     new = move_state(m, _TO_TORCH[type(m)](**_config(m)))
-    if m.activation is None:
+    if m.activation is None and not m._unfused:
         return new
     if not unfuse_activations:
+        what = f"a fused activation {m.activation!r}" if m.activation is not None else \
+            f"modules after the norm ({', '.join(m._unfused)})"
         raise ValueError(
-            f"convert_model: layer {path or '<root>'!r} ({type(m).__name__}) has a fused "
-            f"activation {m.activation!r} that torch.nn.{type(new).__name__} cannot hold; pass "
-            "unfuse_activations=True to get nn.Sequential(bn, activation) instead"
+            f"convert_model: layer {path or '<root>'!r} ({type(m).__name__}) has {what} that "
+            f"torch.nn.{type(new).__name__} cannot hold; pass unfuse_activations=True to get "
+            "nn.Sequential(bn, activation, ...) instead"
         )
+    parts: OrderedDict[str, nn.Module] = OrderedDict(bn=new)
     act = module_of(*parse_activation(m.activation))
-    assert act is not None
-    return nn.Sequential(OrderedDict(bn=new, act=act.train(m.training)))
+    if act is not None:
+        parts["act"] = act.train(m.training)
+    for name, module in m.unfused_modules().items():
+        parts[name if name not in parts else f"{name}_"] = module
+    return nn.Sequential(parts)
 
 
 _OPTIONAL_MODULES = ("batchnorm.nn.sync", "batchnorm.nn.frozen")
@@ -121,9 +204,20 @@ def _import_optional() -> None:
                 raise
 
 
+@overload
+def convert_model(model: nn.Module, target: str = ..., *, unfuse_activations: bool = ...,
+                  sync_to: type | None = ..., save: str = ...,
+                  return_report: Literal[False] = ...) -> nn.Module: ...
+@overload
+def convert_model(model: nn.Module, target: str = ..., *, unfuse_activations: bool = ...,
+                  sync_to: type | None = ..., save: str = ...,
+                  return_report: Literal[True]) -> tuple[nn.Module, ConvertReport]: ...
+
+
 def convert_model(model: nn.Module, target: str = "batchnorm", *,
                   unfuse_activations: bool = False,
-                  sync_to: type | None = None, save: str = "input") -> nn.Module:
+                  sync_to: type | None = None, save: str = "input",
+                  return_report: bool = False) -> nn.Module | tuple[nn.Module, ConvertReport]:
     """Return ``model`` with every batch-norm layer swapped to ``target``'s classes.
 
     Args:
@@ -142,6 +236,11 @@ def convert_model(model: nn.Module, target: str = "batchnorm", *,
             take it to the memory mode (:func:`batchnorm.tools.save_output.save_output`: only
             those with a fused invertible activation; a warning lists the others and why).
             Default: ``"input"``
+        return_report: also return a :class:`ConvertReport` (the layers converted, and those
+            that keep modules after the norm unfused, with the reason). Default: False
+
+    A layer that came from a conversion goes back to its original class (timm's
+    ``BatchNormAct2d``, ``torch.nn.SyncBatchNorm``, ...) with the same ``state_dict`` keys.
     """
     if target not in _CONVERTERS:
         raise ValueError(f"target: expected 'batchnorm' or 'torch', got {target!r}")
@@ -157,21 +256,35 @@ def convert_model(model: nn.Module, target: str = "batchnorm", *,
         raise ValueError(f"save: expected 'input', or 'output' with target='batchnorm', got "
                          f"save={save!r}, target={target!r}")
     _import_optional()
+    report = ConvertReport()
 
-    out = swap_modules(
-        model, lambda m, path: _convert_one(m, path, target, unfuse_activations, sync_to))
+    def one(m: nn.Module, path: str) -> nn.Module | None:
+        new = _convert_one(m, path, target, unfuse_activations, sync_to, report)
+        if new is not None and new is not m:
+            report.converted.append((path or "<root>", _qualname(type(m)), _qualname(type(new))))
+        return new
+
+    result = swap_modules(model, one)
     if save != "input":
-        save_output(out, save, warn=True)
-    return out
+        save_output(result, save, warn=True)
+    return (result, report) if return_report else result
 
 
 def _convert_one(m: nn.Module, path: str, target: str, unfuse_activations: bool,
-                 sync_to: type | None = None) -> nn.Module | None:
+                 sync_to: type | None = None,
+                 report: ConvertReport | None = None) -> nn.Module | None:
     """The replacement for ``m``, ``None`` when ``m`` is not a layer to convert."""
     kind = type(m)
     where = path or "<root>"
     if target == "batchnorm" and kind is nn.SyncBatchNorm and sync_to is not None:
-        return _to_class(m, path, sync_to)
+        new = _to_class(m, path, sync_to)
+        _remember(new, m)
+        return new
+    origin = getattr(m, "_convert_origin", None)
+    if target == "torch" and isinstance(origin, _Origin) and isinstance(m, _BatchNormBase):
+        restored = origin.rebuild(m)
+        if restored is not None:
+            return restored
     if kind in _CONVERTERS[target]:
         return _CONVERTERS[target][kind](m, path)
     if target == "torch":
@@ -195,7 +308,7 @@ def _convert_one(m: nn.Module, path: str, target: str, unfuse_activations: bool,
             "was left unchanged"
         )
     if isinstance(getattr(m, "act", None), nn.Module):
-        return _bn_act_to_ours(m, path)
+        return _bn_act_to_ours(m, path, report)
     raise ValueError(
         f"convert_model: layer {where!r} is a {kind.__module__}.{kind.__qualname__}, a "
         "batch-norm class this conversion does not know; converting it could drop its "
@@ -216,8 +329,15 @@ def _to_class(m: nn.Module, path: str, cls: type) -> nn.Module:
 _STANDARD_STATE = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 
 
-def _bn_act_to_ours(m: nn.Module, path: str) -> nn.Module:
-    """A timm-style ``BatchNormAct`` (PyTorch BN subclass with ``.act``, ``.drop``) → ours."""
+def _is_identity(m: nn.Module | None) -> bool:
+    return m is None or isinstance(m, nn.Identity) or (
+        type(m) in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+        and float(getattr(m, "p", 1.0)) == 0)
+
+
+def _bn_act_to_ours(m: nn.Module, path: str, report: ConvertReport | None = None) -> nn.Module:
+    """A timm-style ``BatchNormAct`` (PyTorch BN subclass with ``.act``, ``.drop``) → ours:
+    the activation fused where it can be, ``drop``/``act`` kept after the norm otherwise."""
     kind = type(m)
     where = path or "<root>"
 
@@ -230,29 +350,39 @@ def _bn_act_to_ours(m: nn.Module, path: str) -> nn.Module:
     base = next((b for b in _TO_OURS if isinstance(m, b)), None)
     if base is None:
         raise refuse("it does not derive from torch.nn.BatchNorm1d/2d/3d")
-    extra = sorted(set(dict(m.named_children())) - {"act", "drop"})
+    children = dict(m.named_children())
+    extra = sorted(set(children) - {"act", "drop"})
     if extra:
-        raise refuse(f"it has submodules {extra} besides act/drop that would be lost")
-    drop = getattr(m, "drop", None)
-    if drop is not None and not isinstance(drop, nn.Identity) \
-            and not (isinstance(drop, nn.Dropout) and drop.p == 0):
-        raise refuse(f"its drop module {drop!r} is not an identity and would be lost")
+        raise refuse(f"it has submodules {extra} besides act/drop, and where they run in its "
+                     "forward is unknown")
     state = {n for n, _ in m.named_parameters(recurse=False)} | \
         {n for n, _ in m.named_buffers(recurse=False)}
     if state - _STANDARD_STATE:
         raise refuse(f"it has parameters/buffers {sorted(state - _STANDARD_STATE)} that would "
                      "be lost")
+    drop, act = children.get("drop"), children["act"]
+    why = None
     try:
-        act = parse_activation(m.act)
-    except (ValueError, TypeError) as exc:
-        raise refuse(f"its activation {m.act!r} is not one we fuse ({exc})") from None
-    new = _TO_OURS[base](**_config(m), activation=m.act if act[0] != "none" else None)  # type: ignore[arg-type]
+        name, param = parse_activation(act)
+    except (ValueError, TypeError):
+        why = f"{type(act).__qualname__} is not an activation we fuse"
+    if why is None and not _is_identity(drop):
+        why = f"{type(drop).__qualname__} runs between the norm and the activation"
+    new = _TO_OURS[base](**_config(m))  # type: ignore[arg-type]
+    if why is None:
+        new.activation = spec_of(name, param)
+    else:
+        new.keep_after({k: v for k, v in children.items() if not _is_identity(v)})
     new.layer_name = path or None
     move_state(m, new)
     mismatch = _probe_mismatch(m, new, base)
     if mismatch:
         raise refuse(f"the converted layer does not reproduce its {mismatch} on a probe input "
                      "(its forward does something else)")
+    _remember(new, m)
+    if why is not None and report is not None:
+        report.kept_unfused.append((where, {k: repr(v) for k, v in new.unfused_modules().items()},
+                                    why))
     return new
 
 
@@ -267,8 +397,7 @@ def _probe_mismatch(old: nn.Module, new: nn.Module, base: Any) -> str | None:
     rtol, atol = (1e-9, 1e-9) if dtype == torch.float64 else (1e-4, 1e-5)
     for training in (False, True):
         a, b = copy.deepcopy(old).train(training), copy.deepcopy(new).train(training)
-        with torch.no_grad():
-            ya, yb = a(x), b(x)
+        ya, yb = _seeded(a, x), _seeded(b, x)
         if not (isinstance(ya, torch.Tensor) and ya.shape == yb.shape
                 and torch.allclose(ya, yb, rtol=rtol, atol=atol)):
             return f"output in {'training' if training else 'eval'} mode"
@@ -279,3 +408,12 @@ def _probe_mismatch(old: nn.Module, new: nn.Module, base: Any) -> str | None:
             if not same:
                 return f"{name} update"
     return None
+
+
+def _seeded(module: nn.Module, x: torch.Tensor) -> Any:
+    """``module(x)`` with the random generators forked and seeded, so that two modules with
+    dropout draw the same masks (and the caller's generators are untouched)."""
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(0)
+        return module(x)

@@ -69,6 +69,24 @@ def _onnx_forward(x: Any, weight: Any, bias: Any, residual: Any, running_mean: A
     elif act == "gelu":  # erf form, as nn.GELU()
         y = op.Mul(op.Mul(y, const(0.5, y)),
                    op.Add(const(1.0, y), op.Erf(op.Mul(y, const(1 / math.sqrt(2.0), y)))))
+    elif act == "relu6":
+        y = op.Clip(y, const(0.0, y), const(6.0, y))
+    elif act == "hardswish":
+        y = op.HardSwish(y)
+    elif act == "hardsigmoid":  # PyTorch's: relu6(y + 3)/6
+        y = op.HardSigmoid(y, alpha=1.0 / 6.0, beta=0.5)
+    elif act == "sigmoid":
+        y = op.Sigmoid(y)
+    elif act == "tanh":
+        y = op.Tanh(y)
+    elif act == "elu":
+        y = op.Elu(y, alpha=slope)
+    elif act == "mish":
+        y = op.Mish(y)
+    elif act == "gelu_tanh":  # ½y(1 + tanh(√(2/π)(y + 0.044715y³))): opset 18 has no approximate
+        inner = op.Mul(const(math.sqrt(2.0 / math.pi), y),
+                       op.Add(y, op.Mul(const(0.044715, y), op.Mul(y, op.Mul(y, y)))))
+        y = op.Mul(op.Mul(y, const(0.5, y)), op.Add(const(1.0, y), op.Tanh(inner)))
     elif act != "none":
         raise ValueError(f"batchnorm::forward: activation {act!r} has no ONNX translation")
     rstd = op.Reciprocal(op.Sqrt(op.Add(running_var, op.CastLike(

@@ -80,14 +80,17 @@ class FoldReport:
 
 
 class FoldedEpilogue(nn.Module):
-    """What remains of a folded batch-norm layer with a fused residual: ``act(x + residual)``."""
+    """What remains of a folded batch-norm layer with a fused residual: ``act(x + residual)``,
+    then the modules the layer kept unfused after it, if any (``after``)."""
 
-    def __init__(self, activation: nn.Module | None) -> None:
+    def __init__(self, activation: nn.Module | None, after: tuple[nn.Module, ...] = ()) -> None:
         super().__init__()
         self.act = activation if activation is not None else nn.Identity()
+        self.after = nn.Sequential(*after) if after else None
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        return self.act(input if residual is None else input + residual)
+        y = self.act(input if residual is None else input + residual)
+        return y if self.after is None else self.after(y)
 
 
 class _LeafTracer(fx.Tracer):
@@ -208,8 +211,11 @@ def _why_not(bn: Any, producer: nn.Module | None, pname: str | None,
 def _epilogue(bn: Any, with_residual: bool) -> nn.Module | None:
     """The module that replaces ``bn`` once folded (``None``: nothing remains)."""
     act = module_of(*parse_activation(getattr(bn, "activation", None)))
+    after = tuple(bn.unfused_modules().values()) if hasattr(bn, "unfused_modules") else ()
     if with_residual:
-        return FoldedEpilogue(act)
+        return FoldedEpilogue(act, after)
+    if after:
+        return nn.Sequential(*((act,) if act is not None else ()), *after)
     return act
 
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..activations import parse_activation, spec_of
+from ..kernels import Backend, select
 from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .convert import convert_model
 from .fold import is_batch_norm
@@ -214,7 +215,15 @@ def _propagate_shapes(gm: fx.GraphModule, args: tuple[Any, ...], training: bool)
         gm.train(training)
 
 
+def _backend_of(model: nn.Module) -> Backend | None:
+    """The backend our layers will run on, judged from the model's first floating parameter
+    (``None`` without one: then every activation we fuse is fused)."""
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    return None if p is None else select(torch.empty((2, 1), dtype=p.dtype, device=p.device))
+
+
 def _fuse_graph(gm: fx.GraphModule, report: FuseReport) -> None:
+    backend = _backend_of(gm)
     for node in list(gm.graph.nodes):  # nn.Identity placeholders (timm's drop_block, aa, …)
         if node.op == "call_module" and type(gm.get_submodule(str(node.target))) is nn.Identity \
                 and len(node.args) == 1 and not node.kwargs:
@@ -247,7 +256,7 @@ def _fuse_graph(gm: fx.GraphModule, report: FuseReport) -> None:
             tail = users[0]
         act, act_node, why = None, None, None
         if len(tail.users) == 1:
-            act, why = _activation_of(gm, next(iter(tail.users)), tail)
+            act, why = _activation_of(gm, next(iter(tail.users)), tail, backend)
             if act is not None:
                 act_node = next(iter(tail.users))
         if residual is None and act_node is None:
@@ -272,6 +281,9 @@ def _fuse_graph(gm: fx.GraphModule, report: FuseReport) -> None:
 def _why_not(bn: nn.Module, node: fx.Node, calls: int) -> str | None:
     if type(bn) not in _PLAIN:
         return f"{type(bn).__name__} is not a plain batch-norm layer"
+    kept = getattr(bn, "_unfused", ())
+    if kept:  # they run after the layer's own activation: nothing can be fused behind them
+        return f"it keeps {', '.join(kept)} after it unfused (convert_model)"
     if len(node.args) != 1 or node.kwargs:
         return "it is already called with a residual"
     if calls != 1:
@@ -311,8 +323,8 @@ def _residual_of(add: fx.Node, bn_node: fx.Node) -> tuple[fx.Node | None, str | 
     return other, None
 
 
-def _activation_of(gm: fx.GraphModule, node: fx.Node,
-                   source: fx.Node) -> tuple[nn.Module | None, str | None]:
+def _activation_of(gm: fx.GraphModule, node: fx.Node, source: fx.Node,
+                   backend: Backend | None) -> tuple[nn.Module | None, str | None]:
     """The activation ``node`` applies to ``source``, as a module we fuse, or why not."""
     make = None
     if node.op == "call_module":
@@ -332,9 +344,12 @@ def _activation_of(gm: fx.GraphModule, node: fx.Node,
         return None, None
     module = make((source, *rest), kwargs)
     try:
-        parse_activation(module)
+        name = parse_activation(module)[0]
     except (TypeError, ValueError):
         return None, f"the activation after it ({module!r}) is not one we fuse"
+    if backend is not None and not backend.fuses_fast(name):
+        return None, (f"{name} fused is slower on the {backend.name} backend than after the "
+                      "layer (see the performance page)")
     return module, None
 
 

@@ -278,8 +278,17 @@ class _Args:
                                   need_dres, dx, dres)
 
 
+#: activations whose fused kernels need no exp/erf/tanh: Numba has no vector versions of those
+#: here (no SVML in the llvmlite build), so a fused SiLU was slower than our layer followed by
+#: PyTorch's vectorized one (docs/decisions.md)
+_FAST_FUSED = frozenset({"none", "relu", "leaky_relu", "relu6", "hardswish", "hardsigmoid"})
+
+
 class CpuBackend(Backend):
     name = "cpu"
+
+    def fuses_fast(self, act: str) -> bool:
+        return act in _FAST_FUSED
 
     def supports(self, x: Tensor) -> bool:
         return x.is_cpu and x.dtype in _DTYPES and x.dim() in (2, 3)
