@@ -12,11 +12,62 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..running import update_running_statistics
+
+# target -> {exact source type -> converter(module, path) -> new module}
+_CONVERTERS: dict[str, dict[type, Callable[[nn.Module, str], nn.Module]]] = {
+    "batchnorm": {},
+    "torch": {},
+}
+
+
+def register_conversion(target: str, source: type,
+                        converter: Callable[[nn.Module, str], nn.Module]) -> None:
+    """Teach :func:`convert_model` to convert layers of exactly type ``source`` for ``target``."""
+    _CONVERTERS[target][source] = converter
+
+
+def move_state(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Share ``src``'s parameters and buffers with ``dst`` and copy its mode."""
+    src_params = dict(src.named_parameters(recurse=False))
+    for name, p in src_params.items():
+        setattr(dst, name, p)
+    for name in [n for n, _ in dst.named_parameters(recurse=False) if n not in src_params]:
+        dst.register_parameter(name, None)
+    for name, b in src.named_buffers(recurse=False):
+        if name in dst._buffers:
+            dst._buffers[name] = b
+    dst.train(src.training)
+    ref = next(iter(list(src.parameters(recurse=False)) + list(src.buffers(recurse=False))), None)
+    if ref is not None:
+        # buffers that only one side has (our skip counter) follow the device
+        for name, b in dst.named_buffers(recurse=False):
+            if b is not None and b.device != ref.device:
+                dst._buffers[name] = b.to(ref.device)
+    return dst
+
+
+def layer_config(m: _BatchNorm) -> dict[str, Any]:
+    """The constructor arguments shared by every batch-norm class (PyTorch's and ours) that
+    rebuild ``m``'s configuration; state is moved separately (:func:`move_state`). Our
+    variants add their own through ``_extra_config`` (:func:`variant_config`)."""
+    return dict(num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
+                track_running_stats=m.track_running_stats)
+
+
+def variant_config(m: _BatchNorm) -> dict[str, Any]:
+    """:func:`layer_config` plus what our classes add (bias, activation, a variant's own
+    arguments): everything that rebuilds ``m`` as its own class."""
+    kw = layer_config(m)
+    extra = getattr(m, "_extra_config", None)
+    if extra is not None:
+        kw.update(extra())
+    return kw
 
 
 def swap_modules(model: nn.Module,

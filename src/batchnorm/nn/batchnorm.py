@@ -111,6 +111,10 @@ class _BatchNormBase(_BatchNorm):
             y = self._modules[name](y)  # type: ignore[misc]
         return y
 
+    def _extra_config(self) -> dict[str, Any]:
+        """Constructor arguments beyond PyTorch's (:func:`batchnorm.nn._common.variant_config`)."""
+        return dict(bias=not self.affine or self.bias is not None, activation=self.activation)
+
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
         skipped = getattr(self, "num_batches_skipped", None)

@@ -27,10 +27,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .._errors import BatchNormValueError, describe
 from ..activations import ActivationSpec, parse_activation, spec_of
 from ..functional import batch_norm_impl
-from ._common import swap_modules
+from ._common import swap_modules, variant_config
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase, check_constructor
-from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, _GhostBatchNorm
-from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, _BatchRenorm
+from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d
+from .renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 
 __all__ = ["FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze", "unfreeze"]
 
@@ -150,19 +150,6 @@ _FREEZABLE: dict[type, int] = {
 }
 
 
-def _init_kwargs(m: _BatchNorm) -> dict[str, Any]:
-    """Constructor arguments that rebuild ``m``'s configuration (state is moved separately)."""
-    kw: dict[str, Any] = dict(num_features=m.num_features, eps=m.eps, momentum=m.momentum,
-                              affine=m.affine, track_running_stats=m.track_running_stats)
-    if isinstance(m, _BatchNormBase):
-        kw.update(bias=not m.affine or m.bias is not None, activation=m.activation)
-    if isinstance(m, _BatchRenorm):
-        kw.update(rmax=m.rmax, dmax=m.dmax, warmup_steps=m.warmup_steps)
-    if isinstance(m, _GhostBatchNorm):
-        kw.update(virtual_batch_size=m.virtual_batch_size)
-    return kw
-
-
 def _freeze_one(m: nn.Module, path: str) -> nn.Module | None:
     if isinstance(m, _FrozenBatchNorm) or not isinstance(m, _BatchNorm):
         return None
@@ -195,7 +182,7 @@ def _freeze_one(m: nn.Module, path: str) -> nn.Module | None:
     frozen.running_mean, frozen.running_var = m.running_mean, m.running_var
     if m.num_batches_tracked is not None:
         frozen.num_batches_tracked = m.num_batches_tracked
-    frozen._unfreeze_as = (type(m), _init_kwargs(m))
+    frozen._unfreeze_as = (type(m), variant_config(m))
     frozen.layer_name = getattr(m, "layer_name", None)
     return frozen.train(m.training)
 

@@ -57,6 +57,9 @@ class _GhostBatchNorm(_BatchNormBase):
                          bias=bias, activation=activation)
         self.virtual_batch_size = v
 
+    def _extra_config(self) -> dict[str, Any]:
+        return {**super()._extra_config(), "virtual_batch_size": self.virtual_batch_size}
+
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
         n, v = input.shape[0], self.virtual_batch_size

@@ -66,6 +66,10 @@ class _BatchRenorm(_BatchNormBase):
         self.dmax = dmax_f
         self.warmup_steps = steps
 
+    def _extra_config(self) -> dict[str, Any]:
+        return {**super()._extra_config(), "rmax": self.rmax, "dmax": self.dmax,
+                "warmup_steps": self.warmup_steps}
+
     def current_limits(self) -> tuple[Tensor, Tensor]:
         """``(r_max, d_max)`` in force at this step.
 

@@ -26,8 +26,7 @@ from .._errors import BatchNormValueError, describe
 from ..activations import ActivationSpec
 from ..distributed import is_distributed, sync_batch_norm
 from ..functional import check_input
-from ..tools.convert import move_state, register_conversion
-from ._common import swap_modules
+from ._common import layer_config, move_state, register_conversion, swap_modules
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
@@ -148,15 +147,10 @@ _TO_SYNC: tuple[type, ...] = (
 )
 
 
-def _config(m: _BatchNorm) -> dict[str, Any]:
-    return dict(num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
-                track_running_stats=m.track_running_stats)
-
-
 def _to_sync(m: nn.Module, path: str, process_group: Any) -> SyncBatchNorm:
     assert isinstance(m, _BatchNorm)
     group = process_group if process_group is not None else getattr(m, "process_group", None)
-    new = SyncBatchNorm(**_config(m), process_group=group,
+    new = SyncBatchNorm(**layer_config(m), process_group=group,
                         activation=getattr(m, "activation", None))
     new.layer_name = getattr(m, "layer_name", None) or path or None
     move_state(m, new)
@@ -213,7 +207,7 @@ def _sync_to_torch(m: nn.Module, path: str) -> nn.Module:
             f"{m.activation!r} that torch.nn.SyncBatchNorm cannot hold; set its activation to "
             "None and add the activation module after it before converting"
         )
-    new = nn.SyncBatchNorm(**_config(m), process_group=m.process_group)
+    new = nn.SyncBatchNorm(**layer_config(m), process_group=m.process_group)
     return move_state(m, new)
 
 

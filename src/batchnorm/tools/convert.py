@@ -36,7 +36,6 @@ from __future__ import annotations
 import copy
 import importlib
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, overload
 
@@ -44,7 +43,7 @@ import torch
 from torch import nn
 
 from ..activations import module_of, parse_activation, spec_of
-from ..nn._common import swap_modules
+from ..nn._common import _CONVERTERS, layer_config, move_state, register_conversion, swap_modules
 from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNormBase
 from .fold import is_batch_norm
 from .save_output import save_output
@@ -57,44 +56,6 @@ _TO_OURS: dict[type, type] = {
     nn.BatchNorm3d: BatchNorm3d,
 }
 _TO_TORCH: dict[type, type] = {ours: theirs for theirs, ours in _TO_OURS.items()}
-
-# target -> {exact source type -> converter(module, path) -> new module}
-_CONVERTERS: dict[str, dict[type, Callable[[nn.Module, str], nn.Module]]] = {
-    "batchnorm": {},
-    "torch": {},
-}
-
-
-def register_conversion(target: str, source: type,
-                        converter: Callable[[nn.Module, str], nn.Module]) -> None:
-    """Teach :func:`convert_model` to convert layers of exactly type ``source`` for ``target``."""
-    _CONVERTERS[target][source] = converter
-
-
-def move_state(src: nn.Module, dst: nn.Module) -> nn.Module:
-    """Share ``src``'s parameters and buffers with ``dst`` and copy its mode."""
-    src_params = dict(src.named_parameters(recurse=False))
-    for name, p in src_params.items():
-        setattr(dst, name, p)
-    for name in [n for n, _ in dst.named_parameters(recurse=False) if n not in src_params]:
-        dst.register_parameter(name, None)
-    for name, b in src.named_buffers(recurse=False):
-        if name in dst._buffers:
-            dst._buffers[name] = b
-    dst.train(src.training)
-    ref = next(iter(list(src.parameters(recurse=False)) + list(src.buffers(recurse=False))), None)
-    if ref is not None:
-        # buffers that only one side has (our skip counter) follow the device
-        for name, b in dst.named_buffers(recurse=False):
-            if b is not None and b.device != ref.device:
-                dst._buffers[name] = b.to(ref.device)
-    return dst
-
-
-def _config(m: nn.modules.batchnorm._BatchNorm) -> dict:
-    return dict(num_features=m.num_features, eps=m.eps, momentum=m.momentum, affine=m.affine,
-                track_running_stats=m.track_running_stats)
-
 
 @dataclass
 class ConvertReport:
@@ -151,7 +112,7 @@ class _Origin:
         new._non_persistent_buffers_set = set(shell._non_persistent_buffers_set)
         new._modules = {k: ours._modules[k] if v is None else copy.deepcopy(v)
                         for k, v in shell._modules.items()}
-        for key, value in _config(ours).items():  # a later change on our layer wins
+        for key, value in layer_config(ours).items():  # a later change on our layer wins
             setattr(new, key, value)
         return move_state(ours, new)
 
@@ -164,14 +125,14 @@ def _remember(new: nn.Module, original: nn.Module) -> None:
 
 
 def _to_ours(m: nn.Module, path: str) -> nn.Module:
-    new = _TO_OURS[type(m)](**_config(m))  # type: ignore[arg-type]
+    new = _TO_OURS[type(m)](**layer_config(m))  # type: ignore[arg-type]
     new.layer_name = path or None
     return move_state(m, new)
 
 
 def _to_torch(m: nn.Module, path: str, unfuse_activations: bool) -> nn.Module:
     assert isinstance(m, _BatchNormBase)
-    new = move_state(m, _TO_TORCH[type(m)](**_config(m)))
+    new = move_state(m, _TO_TORCH[type(m)](**layer_config(m)))
     if m.activation is None and not m._unfused:
         return new
     if not unfuse_activations:
@@ -321,7 +282,7 @@ def _is_ours(kind: type) -> bool:
 
 
 def _to_class(m: nn.Module, path: str, cls: type) -> nn.Module:
-    new = cls(**_config(m))  # type: ignore[arg-type]
+    new = cls(**layer_config(m))  # type: ignore[arg-type]
     new.layer_name = path or None
     return move_state(m, new)
 
@@ -368,7 +329,7 @@ def _bn_act_to_ours(m: nn.Module, path: str, report: ConvertReport | None = None
         why = f"{type(act).__qualname__} is not an activation we fuse"
     if why is None and not _is_identity(drop):
         why = f"{type(drop).__qualname__} runs between the norm and the activation"
-    new = _TO_OURS[base](**_config(m))  # type: ignore[arg-type]
+    new = _TO_OURS[base](**layer_config(m))  # type: ignore[arg-type]
     if why is None:
         new.activation = spec_of(name, param)
     else:
