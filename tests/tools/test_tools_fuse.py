@@ -110,10 +110,13 @@ def test_patterns_are_fused_and_exact(cpu_backend, kind):
     fused, report = batchnorm.fuse(model, example_input=x)
     assert isinstance(fused, fx.GraphModule)
     act = "leaky_relu" if kind == "leaky" else "relu"
-    assert report.fused == {"bn1": act, "bn2": f"add + {act}"}
+    if kernels.select(torch.empty(2, 1, dtype=x.dtype)).fuses_fast(act):
+        assert report.fused == {"bn1": act, "bn2": f"add + {act}"}
+        assert fused.get_submodule("bn2").activation is not None
+    else:  # the cpu backend leaves leaky ReLU after the layer: only the add is fused
+        assert report.fused == {"bn2": "add"} and "slower" in report.unfused["bn1"]
     assert "Softplus" in report.unfused["bn3"]
     assert report.layers == ["bn1", "bn2", "bn3"]
-    assert fused.get_submodule("bn2").activation is not None
     # the rewritten graph calls no activation or add after bn1/bn2
     ops = [n.target for n in fused.graph.nodes if n.op == "call_function"]
     assert operator.add not in ops and operator.iadd not in ops and torch.add not in ops
@@ -279,8 +282,8 @@ def test_real_models_fuse_exactly(name):
 
 
 def test_activations_slow_when_fused_stay_after_the_layer(monkeypatch):
-    """The cpu backend keeps activations that need exp/erf/tanh after the layer (Numba has no
-    vector versions of them here); a backend that fuses them fast gets them fused."""
+    """The cpu backend keeps every activation but ReLU after the layer (its fused kernels are
+    slower than the separate activation); a backend that fuses them fast gets them fused."""
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.SiLU(),
                           nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
     x = torch.randn(2, 3, 4, 4)
