@@ -188,7 +188,8 @@ def fuse(model: nn.Module, example_input: Any = None, *,
         return work, report
     if args is not None:
         _propagate_shapes(gm, args, work.training)
-    _fuse_graph(gm, report)
+    # the memory mode needs the activation inside the layer, whatever the speed of the fusion
+    _fuse_graph(gm, report, speed_rule=save == "input")
     for name in names:
         if name not in report.fused and name not in report.unfused:
             report.unfused[name] = "torch.fx traced through it (not called as a module)"
@@ -222,8 +223,8 @@ def _backend_of(model: nn.Module) -> Backend | None:
     return None if p is None else select(torch.empty((2, 1), dtype=p.dtype, device=p.device))
 
 
-def _fuse_graph(gm: fx.GraphModule, report: FuseReport) -> None:
-    backend = _backend_of(gm)
+def _fuse_graph(gm: fx.GraphModule, report: FuseReport, speed_rule: bool = True) -> None:
+    backend = _backend_of(gm) if speed_rule else None
     for node in list(gm.graph.nodes):  # nn.Identity placeholders (timm's drop_block, aa, …)
         if node.op == "call_module" and type(gm.get_submodule(str(node.target))) is nn.Identity \
                 and len(node.args) == 1 and not node.kwargs:
