@@ -93,20 +93,10 @@ def canonicalize(x: Tensor) -> tuple[Tensor, Layout]:
     """View ``x`` as channels-first ``(N, C, S)`` or channels-last ``(M, C)`` without copying
     (inputs that are neither are made contiguous once); returns the canonical tensor and its
     :class:`Layout`."""
-    shape = tuple(x.shape)
-    if x.dim() == 2:
-        return (x if x.is_contiguous() else x.contiguous()), Layout("nc", shape)
-    n, c = shape[0], shape[1]
-    s = math.prod(shape[2:])
-    contiguous = x.is_contiguous()
-    if s == 1 and contiguous:
-        return x.view(n, c), Layout("nc", shape)
-    if not contiguous or (x.numel() == 0 and _empty_channels_last(x)):
-        xp = x.permute(0, *range(2, x.dim()), 1)
-        if xp.is_contiguous():
-            return xp.view(n * s, c), Layout("last", shape)
-        x = x.contiguous()
-    return x.view(n, c, s), Layout("first", shape)
+    if x.dim() == 2 and x.is_contiguous():  # already (M, C): the common 2-D case, no view
+        return x, Layout("nc", tuple(x.shape))
+    lay = layout_of(x)
+    return lay.canonical(x), lay
 
 
 def _empty_channels_last(x: Tensor) -> bool:
