@@ -241,7 +241,7 @@ def test_lane_blocks_flags_and_thread_independence(residual, act, need, monkeypa
     """Short channels-first samples (S ≤ 64, N ≥ 16) run in lane blocks whose width depends on
     the thread count; every result must still be the same bits on one thread and on two, and
     every (dx, dres) combination must agree with the reference."""
-    from batchnorm.kernels.cpu import _kernels as K
+    from batchnorm.kernels.cpu import _lanes as K
 
     shape = (24, 45, 9)
     assert shape[2] <= K._LANE_MAX_S and shape[0] >= K._LANE_MIN_N

@@ -1,7 +1,11 @@
 """The ``cpu`` backend: fused batch-norm kernels written in Numba (``pip install batchnorm[cpu]``).
 
-Loaded lazily by :mod:`batchnorm.kernels` (importing ``batchnorm`` never imports Numba); the
-kernels in :mod:`._kernels` compile on their first call and are cached on disk (``cache=True``).
+Loaded lazily by :mod:`batchnorm.kernels` (importing ``batchnorm`` never imports Numba). This
+module is the host code; the kernels compile on their first call and are cached on disk
+(``cache=True``): :mod:`._nchw` (channels-first), :mod:`._lanes` (channels-first, short
+samples), :mod:`._nhwc` and :mod:`._nhwc_backward` (channels-last), :mod:`._running` (the
+running-statistics blend), from the helpers of :mod:`._segments`, :mod:`._activations` and the
+compile flags of :mod:`._jit`; :mod:`._saved_output` holds the memory mode's kernels.
 
 Passes over memory (channels-first ``(N, C, S)``, one channel per parallel item):
 
@@ -40,13 +44,18 @@ from torch import Tensor
 
 from ... import stats as S
 from ..base import Backend
-from . import _kernels as K
+from ._activations import CODES, NONE, RELU
+from ._lanes import lanes, nchw_backward_lanes, nchw_forward_lanes
+from ._nchw import nchw_apply, nchw_backward, nchw_backward_apply, nchw_forward, nchw_partials
+from ._nhwc import nhwc_apply, nhwc_forward, nhwc_partials
+from ._nhwc_backward import nhwc_backward, nhwc_backward_apply
+from ._running import running_blend
 
 __all__ = ["CpuBackend", "BACKEND"]
 
 _DTYPES = (torch.float32, torch.float64)
 _NP_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_FUSED_CODES = (K.NONE, K.RELU)  # activations whose backward the lane blocks fuse
+_FUSED_CODES = (NONE, RELU)  # activations whose backward the lane blocks fuse
 # Split a channel into chunks only when there are fewer than this many channels per thread.
 _CHANNELS_PER_THREAD = 4
 _MIN_CHUNK = 4096  # elements; smaller chunks cost more in bookkeeping than they gain
@@ -178,7 +187,7 @@ class _Args:
         self.dt = dt = xf.dtype
         self.has_res = residual is not None
         self.r = _np(residual) if residual is not None else xf
-        self.code = K.CODES[act]
+        self.code = CODES[act]
         self.slope = dt.type(slope)
         shape = x.shape
         self.c = c = shape[1]
@@ -202,18 +211,18 @@ class _Args:
         k = self.c * self.p
         cnt, mean, m2 = np.empty(k), np.empty(k), np.empty(k)
         if self.first:
-            K.nchw_partials(self.x, self.n, self.c, self.s, self.p, cnt, mean, m2)
+            nchw_partials(self.x, self.n, self.c, self.s, self.p, cnt, mean, m2)
         else:
-            K.nhwc_partials(self.x, self.m, self.c, self.p, cnt, mean, m2)
+            nhwc_partials(self.x, self.m, self.c, self.p, cnt, mean, m2)
         return cnt, mean, m2
 
     def apply(self, y: np.ndarray, mean: np.ndarray, scale: np.ndarray,
               shift: np.ndarray) -> None:
         if self.first:
-            K.nchw_apply(self.x, y, self.r, self.has_res, self.n, self.c, self.s, self.p, mean,
+            nchw_apply(self.x, y, self.r, self.has_res, self.n, self.c, self.s, self.p, mean,
                          scale, shift, self.code, self.slope)
         else:
-            K.nhwc_apply(self.x, y, self.r, self.has_res, self.m, self.c, self.p, mean, scale,
+            nhwc_apply(self.x, y, self.r, self.has_res, self.m, self.c, self.p, mean, scale,
                          shift, self.code, self.slope)
 
     def backward(self, dy: np.ndarray, mean: np.ndarray, rstd: np.ndarray, scale: np.ndarray,
@@ -226,19 +235,19 @@ class _Args:
         sg, sgx = np.empty(c, dtype=self.dt), np.empty(c, dtype=self.dt)
         tmp = np.empty((2, c * p))
         tg, tgx = tmp[0], tmp[1]
-        if self.first and K.lanes(self.n, self.s, p) and self.code in _FUSED_CODES:
-            K.nchw_backward_lanes(dy, self.x, self.r, self.has_res, self.n, c, self.s,
+        if self.first and lanes(self.n, self.s, p) and self.code in _FUSED_CODES:
+            nchw_backward_lanes(dy, self.x, self.r, self.has_res, self.n, c, self.s,
                                   self.threads, mean, rstd, scale, shift, self.code, training,
                                   need_sums, need_dx, need_dres, dx, dres, sg, sgx)
         elif self.first:
-            K.nchw_backward(dy, self.x, self.r, self.has_res, self.n, c, self.s, p, mean, rstd,
+            nchw_backward(dy, self.x, self.r, self.has_res, self.n, c, self.s, p, mean, rstd,
                             scale, shift, self.code, self.slope, training, need_sums, need_dx,
                             need_dres, dx, dres, sg, sgx, tg, tgx)
         elif (g := super_rows(self.m, c)) > 1:
             self._backward_super_rows(g, dy, mean, rstd, scale, shift, training, need_sums,
                                       need_dx, need_dres, dx, dres, sg, sgx)
         else:
-            K.nhwc_backward(dy, self.x, self.r, self.has_res, self.m, c, p, mean, rstd, scale,
+            nhwc_backward(dy, self.x, self.r, self.has_res, self.m, c, p, mean, rstd, scale,
                             shift, self.code, self.slope, training, need_sums, need_dx,
                             need_dres, dx, dres, sg, sgx, tg, tgx)
         return sg, sgx
@@ -260,7 +269,7 @@ class _Args:
         tot_g = tot_gx = np.zeros(c)
         if need_sums:
             tmp = np.empty((2, cg * p))
-            K.nhwc_backward(dy, self.x, self.r, self.has_res, m, cg, p, mt, rt, st, ht,
+            nhwc_backward(dy, self.x, self.r, self.has_res, m, cg, p, mt, rt, st, ht,
                             self.code, self.slope, False, True, False, False, dx, dres,
                             np.empty(cg, dtype=dt), np.empty(cg, dtype=dt), tmp[0], tmp[1])
             tot_g = tmp[0].reshape(p * g, c).sum(axis=0)  # (block, group) rows, fixed order
@@ -273,7 +282,7 @@ class _Args:
             if training:  # as nhwc_backward: a = Σg/M, b = (Σg·x̂)/M in the tensor's dtype
                 a[:] = tot_g / self.m
                 b[:] = sgx / self.m
-            K.nhwc_backward_apply(dy, self.x, self.r, self.has_res, m, cg, p, mt, rt, st, ht,
+            nhwc_backward_apply(dy, self.x, self.r, self.has_res, m, cg, p, mt, rt, st, ht,
                                   np.tile(a, g), np.tile(b, g), self.code, self.slope, need_dx,
                                   need_dres, dx, dres)
 
@@ -336,11 +345,11 @@ class CpuBackend(Backend):
         bv = zero if b is None else args.vec(b)
         mf, rf, scf, shf = args.vec(mean), args.vec(rstd), args.vec(scale), args.vec(shift)
         if args.first:
-            K.nchw_backward_apply(_np(grad_y), args.x, args.r, args.has_res, args.n, args.c,
+            nchw_backward_apply(_np(grad_y), args.x, args.r, args.has_res, args.n, args.c,
                                   args.s, args.p, mf, rf, scf, shf, av, bv, args.code,
                                   args.slope, need_dx, need_dres, dxf, drf)
         else:
-            K.nhwc_backward_apply(_np(grad_y), args.x, args.r, args.has_res, args.m, args.c,
+            nhwc_backward_apply(_np(grad_y), args.x, args.r, args.has_res, args.m, args.c,
                                   args.p, mf, rf, scf, shf, av, bv, args.code, args.slope,
                                   need_dx, need_dres, dxf, drf)
         return dx, dres
@@ -348,7 +357,7 @@ class CpuBackend(Backend):
     def blend_running(self, running_mean, running_var, mean, var_unbiased, factor):
         # one Numba call (~3 µs) against ~20 µs of NumPy calls on a C = 1024 layer
         if all(a.dtype in _NP_DTYPES for a in (running_mean, running_var, mean, var_unbiased)):
-            return bool(K.running_blend(running_mean, running_var, mean, var_unbiased,
+            return bool(running_blend(running_mean, running_var, mean, var_unbiased,
                                         var_unbiased.dtype.type(1.0), float(factor)))
         return super().blend_running(running_mean, running_var, mean, var_unbiased, factor)
 
@@ -362,21 +371,21 @@ class CpuBackend(Backend):
         w = _acc(weight, dt) if weight is not None else stat[0]
         b = _acc(bias, dt) if bias is not None else stat[0]
         if args.first:
-            if K.lanes(args.n, args.s, p):
-                K.nchw_forward_lanes(args.x, _np(y), args.r, args.has_res, args.n, c, args.s,
+            if lanes(args.n, args.s, p):
+                nchw_forward_lanes(args.x, _np(y), args.r, args.has_res, args.n, c, args.s,
                                      args.threads, w, b, weight is not None, bias is not None,
                                      dt.type(eps), args.code, args.slope, stat)
             else:
-                K.nchw_forward(args.x, _np(y), args.r, args.has_res, args.n, c, args.s, p, w, b,
+                nchw_forward(args.x, _np(y), args.r, args.has_res, args.n, c, args.s, p, w, b,
                                weight is not None, bias is not None, dt.type(eps), args.code,
                                args.slope, stat, part[0], part[1], part[2])
         else:
-            K.nhwc_forward(args.x, _np(y), args.r, args.has_res, args.m, c, p, w, b,
+            nhwc_forward(args.x, _np(y), args.r, args.has_res, args.m, c, p, w, b,
                            weight is not None, bias is not None, dt.type(eps), args.code,
                            args.slope, stat, part[0], part[1], part[2])
         if running is not None and running.mean.dtype == dt and running.var.dtype == dt:
             # the update in the same call's wake: mean and var·bessel straight from the stat
-            running.ok = bool(K.running_blend(running.mean, running.var, stat[0], stat[1],
+            running.ok = bool(running_blend(running.mean, running.var, stat[0], stat[1],
                                               dt.type(running.bessel), running.factor))
         # three separate tensors: op outputs may not share storage
         return y, torch.from_numpy(stat[0].copy()), torch.from_numpy(stat[2].copy()), \

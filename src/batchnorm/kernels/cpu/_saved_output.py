@@ -1,7 +1,7 @@
 """Numba kernels of the memory mode ``save="output"``: the backward from the layer's output.
 
 Loaded on the first backward of the mode (compiled then, cached on disk). Arrays are flat,
-contiguous 1-D views, as in :mod:`._kernels`: channels-first ``(N, C, S)`` element
+contiguous 1-D views, as in :mod:`._jit`: channels-first ``(N, C, S)`` element
 ``(n, c, s)`` at ``(n*C + c)*S + s``, channels-last ``(M, C)`` element ``(m, c)`` at ``m*C + c``.
 
 Derivation. The forward computed ``y = act(pre)``, ``pre = x̂·γ + β [+ r]``, with ``x̂ =
@@ -45,15 +45,14 @@ from . import (
     nchw_chunks,
     nhwc_blocks,
 )
-from . import _kernels as K
+from ._jit import _njit_inline as _inline
+from ._jit import _parallel
+from ._nchw import nchw_apply
+from ._nhwc import nhwc_apply
 
 NONE, LEAKY, ELU, SIGMOID, TANH = (CODES[k] for k in ("none", "leaky_relu", "elu", "sigmoid",
                                                       "tanh"))
-
-# as in _kernels: reassoc/contract vectorise the sums, never nnan/ninf (NaN must propagate)
-_FM = {"reassoc", "contract"}
-_parallel = njit(cache=True, nogil=True, fastmath=_FM, parallel=True)
-_inline = njit(inline="always", fastmath=_FM)
+# _inline/_parallel: the flags of every cpu kernel (_jit: reassoc/contract, never nnan/ninf)
 
 
 @_inline
@@ -78,7 +77,7 @@ def _du(yv, dyv, code, a, inv_a, z, one, arr):
 @_inline
 def _run_sums(dy, y, r, has_res, base, L, code, a, inv_a, sh, z, one):
     """``(Σg, Σg·u)`` over ``[base, base + L)`` in the array dtype."""
-    # slice views and range(L): LLVM vectorises these loops (see _kernels)
+    # slice views and range(L): LLVM vectorises these loops (see _segments)
     ys = y[base:base + L]
     ds = dy[base:base + L]
     rs = r[base:base + L]
@@ -125,8 +124,28 @@ def _coefs(sg, sgu, n, w, rs, training):
 @_parallel
 def nchw_backward_from_output(dy, y, r, has_res, N, C, S, P, w, sh, rstd, code, a, training,
                               need_dx, need_dres, dx, dres, sg_o, sgu_o, tg, tgu):
-    """Channels-first: chunk ``p`` of channel ``c`` holds samples ``[p*N//P, (p+1)*N//P)``;
-    ``tg``/``tgu`` are ``C*P`` float64 scratch."""
+    """The backward from the output, channels-first (the module docstring's derivation).
+
+    Args:
+        dy: the incoming gradient, like ``y``.
+        y: the layer's output, flat ``(N·C·S,)``, float32 or float64 (the accumulation dtype).
+        r: the residual, like ``y``; ``y`` itself when ``has_res`` is False (then never read).
+        has_res: whether the forward added ``r``.
+        N, C, S: the channels-first shape.
+        P: chunks per channel; chunk ``p`` of channel ``c`` holds the samples
+            ``[p*N//P, (p+1)*N//P)``, item ``c*P + p``.
+        w: the effective weight ``γ`` (``|γ| >= GAMMA_MIN``; ones without affine weight),
+            ``(C,)`` float64.
+        sh: β, ``(C,)`` in ``y``'s dtype (zeros without bias).
+        rstd: ``1/sqrt(var + eps)`` of the forward, ``(C,)`` float64.
+        code: the activation's code (:data:`batchnorm.activations.CODES`; an invertible one).
+        a: the activation's parameter (leaky slope, ELU alpha), a float.
+        training: whether ``dx`` has the batch-statistics terms (``c2``, ``c3``).
+        need_dx, need_dres: which of ``dx``, ``dres`` to write.
+        dx, dres: outputs like ``y``; ``y`` itself where not needed (never written).
+        sg_o, sgu_o: ``(C,)`` float64, written: ``Σg`` (dβ) and ``Σg·u`` (dγ is ``Σg·u/γ``).
+        tg, tgu: ``C*P`` float64 scratch for the chunk sums.
+    """
     dt = y.dtype.type
     z = y.dtype.type(0.0)
     one = y.dtype.type(1.0)
@@ -175,8 +194,29 @@ def nchw_backward_from_output(dy, y, r, has_res, N, C, S, P, w, sh, rstd, code, 
 @_parallel
 def nhwc_backward_from_output(dy, y, r, has_res, M, C, P, w, sh, rstd, code, a, training,
                               need_dx, need_dres, dx, dres, sg_o, sgu_o, tg, tgu):
-    """Channels-last: block ``p`` holds rows ``[p*M//P, (p+1)*M//P)``; ``tg``/``tgu`` are
-    ``P*C`` float64 scratch (block-major), summed over blocks in order."""
+    """The backward from the output, channels-last (the module docstring's derivation); the
+    block sums are combined over the blocks in ascending order.
+
+    Args:
+        dy: the incoming gradient, like ``y``.
+        y: the layer's output, flat ``(M·C,)``, float32 or float64 (the accumulation dtype).
+        r: the residual, like ``y``; ``y`` itself when ``has_res`` is False (then never read).
+        has_res: whether the forward added ``r``.
+        M, C: the channels-last shape.
+        P: row blocks; block ``p`` holds the rows ``[p*M//P, (p+1)*M//P)``, item ``p*C + c``
+            (block-major).
+        w: the effective weight ``γ`` (``|γ| >= GAMMA_MIN``; ones without affine weight),
+            ``(C,)`` float64.
+        sh: β, ``(C,)`` in ``y``'s dtype (zeros without bias).
+        rstd: ``1/sqrt(var + eps)`` of the forward, ``(C,)`` float64.
+        code: the activation's code (:data:`batchnorm.activations.CODES`; an invertible one).
+        a: the activation's parameter (leaky slope, ELU alpha), a float.
+        training: whether ``dx`` has the batch-statistics terms (``c2``, ``c3``).
+        need_dx, need_dres: which of ``dx``, ``dres`` to write.
+        dx, dres: outputs like ``y``; ``y`` itself where not needed (never written).
+        sg_o, sgu_o: ``(C,)`` float64, written: ``Σg`` (dβ) and ``Σg·u`` (dγ is ``Σg·u/γ``).
+        tg, tgu: ``C*P`` float64 scratch for the block sums.
+    """
     z = y.dtype.type(0.0)
     one = y.dtype.type(1.0)
     av = y.dtype.type(a)
@@ -302,9 +342,9 @@ def forward_train_into(
     args = _Args(x, residual, act, slope)
     mf, sc, sh = args.vec(mean), args.vec(scale), args.vec(bias)
     if args.first:
-        K.nchw_apply(args.x, args.x, args.r, args.has_res, args.n, args.c, args.s, args.p, mf,
+        nchw_apply(args.x, args.x, args.r, args.has_res, args.n, args.c, args.s, args.p, mf,
                      sc, sh, args.code, args.slope)
     else:
-        K.nhwc_apply(args.x, args.x, args.r, args.has_res, args.m, args.c, args.p, mf, sc, sh,
+        nhwc_apply(args.x, args.x, args.r, args.has_res, args.m, args.c, args.p, mf, sc, sh,
                      args.code, args.slope)
     return mean, rstd, var

@@ -1,0 +1,288 @@
+"""Channels-last ``(M, C)`` forward kernels: rows split into ``P`` blocks, loops along ``C``.
+
+Training forward: per-block shifted partials (the shift ``K``: the first row), the fixed-order
+Chan merge of :mod:`._segments` run along the channels, then the output
+``y = act(((x - K) - δ)·scale + shift [+ r])``: two parallel regions, ``x`` read twice. Partials
+are block-major (item ``p*C + c``): each block writes its own contiguous run, no cache line
+shared between threads. The backward is in :mod:`._nhwc_backward`. Common arguments:
+
+- ``x``, ``y``: flat ``(M·C,)`` views, float32 or float64; ``r``: the residual, like ``x``
+  (``x`` itself when ``has_res`` is False, then never read);
+- ``M``, ``C``: the shape; ``P``: row blocks (``cpu.nhwc_blocks``); block ``p`` holds the rows
+  ``[p*M//P, (p+1)*M//P)``;
+- ``code``/``slope``: the activation's code and parameter (a scalar of ``x``'s dtype);
+- per-channel vectors: ``(C,)`` in ``x``'s dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from ._activations import NONE, RELU
+from ._jit import _FLUSH_ROWS, _njit_inline, _parallel
+from ._segments import _act_inplace, _finalize
+
+# Rows are taken four at a time: the per-channel vectors (shift, accumulators, scale, ...) are
+# loaded once per four rows instead of once per row (the loops along C are L1-bound otherwise).
+
+
+@_njit_inline
+def _flush(tot, run, C, z):
+    for c in range(C):
+        tot[c] += run[c]
+        run[c] = z
+
+
+@_njit_inline
+def _nhwc_block_partials(x, C, r0, r1, k, dlt_o, m2_o, P, p, z):
+    """Shifted partials of rows ``[r0, r1)``: ``δ`` and ``m2`` per channel into item ``p*C+c``
+    (block-major: each block writes its own contiguous run, no cache line shared between
+    threads)."""
+    tot = np.zeros(C)
+    run = np.zeros(C, dtype=x.dtype)
+    cnt = 0
+    row = r0
+    while row < r1:
+        if row + 4 <= r1:
+            x0 = x[row * C:(row + 1) * C]
+            x1 = x[(row + 1) * C:(row + 2) * C]
+            x2 = x[(row + 2) * C:(row + 3) * C]
+            x3 = x[(row + 3) * C:(row + 4) * C]
+            for c in range(C):
+                kc = k[c]
+                run[c] += ((x0[c] - kc) + (x1[c] - kc)) + ((x2[c] - kc) + (x3[c] - kc))
+            row += 4
+            cnt += 4
+        else:
+            x0 = x[row * C:(row + 1) * C]
+            for c in range(C):
+                run[c] += x0[c] - k[c]
+            row += 1
+            cnt += 1
+        if cnt >= _FLUSH_ROWS or row == r1:  # flush the acc-dtype run into float64
+            _flush(tot, run, C, z)
+            cnt = 0
+    n = r1 - r0
+    dl = np.empty(C, dtype=x.dtype)
+    for c in range(C):
+        d = tot[c] / n
+        dlt_o[p * C + c] = d
+        dl[c] = d
+        tot[c] = 0.0
+    row = r0
+    while row < r1:
+        if row + 4 <= r1:
+            x0 = x[row * C:(row + 1) * C]
+            x1 = x[(row + 1) * C:(row + 2) * C]
+            x2 = x[(row + 2) * C:(row + 3) * C]
+            x3 = x[(row + 3) * C:(row + 4) * C]
+            for c in range(C):
+                kc = k[c]
+                dc = dl[c]
+                e0 = (x0[c] - kc) - dc
+                e1 = (x1[c] - kc) - dc
+                e2 = (x2[c] - kc) - dc
+                e3 = (x3[c] - kc) - dc
+                run[c] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+            row += 4
+            cnt += 4
+        else:
+            x0 = x[row * C:(row + 1) * C]
+            for c in range(C):
+                e = (x0[c] - k[c]) - dl[c]
+                run[c] += e * e
+            row += 1
+            cnt += 1
+        if cnt >= _FLUSH_ROWS or row == r1:
+            _flush(tot, run, C, z)
+            cnt = 0
+    for c in range(C):
+        m2_o[p * C + c] = tot[c]
+
+
+@_njit_inline
+def _merge_blocks(dlt, m2, M, C, P, k, w, bias, has_w, has_b, eps, stat, mu):
+    """:func:`_merge` + :func:`_finalize` for block-major items ``p*C + c`` (block ``p`` holds
+    the rows ``[p*M//P, (p+1)*M//P)``), with the loops along the channels so that they
+    vectorize; each channel still sums its blocks in ascending order. ``mu``: C scratch."""
+    for c in range(C):
+        mu[c] = 0.0
+    for p in range(P):
+        n_p = float((p + 1) * M // P - p * M // P)
+        o = p * C
+        for c in range(C):
+            mu[c] += n_p * dlt[o + c]
+    n = float(M)
+    for c in range(C):
+        mu[c] = mu[c] / n
+    q = np.zeros(C)
+    for p in range(P):
+        n_p = float((p + 1) * M // P - p * M // P)
+        o = p * C
+        for c in range(C):
+            d = dlt[o + c] - mu[c]
+            q[c] += m2[o + c] + n_p * d * d
+    for c in range(C):
+        _finalize(c, n, k[c], mu[c], q[c], w, bias, has_w, has_b, eps, stat)
+
+
+@_njit_inline
+def _relu_or_id(v, code, z):
+    if code == RELU:
+        return z if v <= z else v  # NaN propagates; -0 → +0 like torch
+    return v
+
+
+@_njit_inline
+def _nhwc_apply_rows(x, y, r, has_res, C, r0, r1, k, dl, scale, shift, code, slope, z):
+    """``y = act(((x - k) - dl)·scale + shift [+ r])`` for rows ``[r0, r1)``."""
+    simple = code == NONE or code == RELU  # noqa: SIM109 (kept plain for Numba)
+    row = r0
+    if simple and not has_res:
+        while row + 4 <= r1:
+            o = row * C
+            x0 = x[o:o + C]
+            x1 = x[o + C:o + 2 * C]
+            x2 = x[o + 2 * C:o + 3 * C]
+            x3 = x[o + 3 * C:o + 4 * C]
+            y0 = y[o:o + C]
+            y1 = y[o + C:o + 2 * C]
+            y2 = y[o + 2 * C:o + 3 * C]
+            y3 = y[o + 3 * C:o + 4 * C]
+            for c in range(C):
+                kc = k[c]
+                dc = dl[c]
+                s = scale[c]
+                h = shift[c]
+                y0[c] = _relu_or_id(((x0[c] - kc) - dc) * s + h, code, z)
+                y1[c] = _relu_or_id(((x1[c] - kc) - dc) * s + h, code, z)
+                y2[c] = _relu_or_id(((x2[c] - kc) - dc) * s + h, code, z)
+                y3[c] = _relu_or_id(((x3[c] - kc) - dc) * s + h, code, z)
+            row += 4
+    elif simple:
+        while row + 2 <= r1:
+            o = row * C
+            x0 = x[o:o + C]
+            x1 = x[o + C:o + 2 * C]
+            q0 = r[o:o + C]
+            q1 = r[o + C:o + 2 * C]
+            y0 = y[o:o + C]
+            y1 = y[o + C:o + 2 * C]
+            for c in range(C):
+                kc = k[c]
+                dc = dl[c]
+                s = scale[c]
+                h = shift[c]
+                y0[c] = _relu_or_id(((x0[c] - kc) - dc) * s + h + q0[c], code, z)
+                y1[c] = _relu_or_id(((x1[c] - kc) - dc) * s + h + q1[c], code, z)
+            row += 2
+    while row < r1:
+        o = row * C
+        xr = x[o:o + C]
+        yr = y[o:o + C]
+        if has_res:
+            rr = r[o:o + C]
+            for c in range(C):
+                yr[c] = _relu_or_id(((xr[c] - k[c]) - dl[c]) * scale[c] + shift[c] + rr[c],
+                                    code, z)
+        else:
+            for c in range(C):
+                yr[c] = _relu_or_id(((xr[c] - k[c]) - dl[c]) * scale[c] + shift[c], code, z)
+        if not simple:
+            _act_inplace(y, o, C, code, slope, z)
+        row += 1
+
+
+@_parallel
+def nhwc_forward(x, y, r, has_res, M, C, P, w, bias, has_w, has_b, eps, code, slope, stat,
+                 cnt, dlt, m2):
+    """Training forward: block partials (shift ``K``: the first row), merge, output; two
+    regions.
+
+    Args:
+        x: the input, flat ``(M·C,)``, float32 or float64 (the accumulation dtype).
+        y: the output, like ``x`` (written; may be ``x`` itself, as the in-place forward does).
+        r: the residual, like ``x``, added before the activation; ``x`` itself when ``has_res``
+            is False (then never read).
+        has_res: whether ``r`` is added.
+        M, C: the channels-last shape (rows, channels).
+        P: row blocks (``cpu.nhwc_blocks``); block ``p`` holds the rows
+            ``[p*M//P, (p+1)*M//P)``.
+        w, bias: γ and β, ``(C,)`` in ``x``'s dtype; any ``(C,)`` array of that dtype where
+            ``has_w``/``has_b`` is False.
+        has_w, has_b: whether the layer has γ / β (else 1 / 0).
+        eps: added to the variance, a scalar of ``x``'s dtype.
+        code: the activation's code (:data:`batchnorm.activations.CODES`).
+        slope: the activation's parameter (leaky slope, ELU alpha), a scalar of ``x``'s dtype.
+        stat: ``(6, C)`` in ``x``'s dtype, written: mean, biased variance, rstd, scale
+            (``γ·rstd``), shift (β) and the centering ``δ`` (``mean - K``).
+        cnt: float64 scratch of at least ``C`` (the merge's running means).
+        dlt, m2: ``C*P`` float64 scratch for the block partials, item ``p*C + c``.
+    """
+    z = x.dtype.type(0.0)
+    k = x[0:C]
+    for p in prange(P):
+        _nhwc_block_partials(x, C, p * M // P, (p + 1) * M // P, k, dlt, m2, P, p, z)
+    _merge_blocks(dlt, m2, M, C, P, k, w, bias, has_w, has_b, eps, stat, cnt)
+    dl = np.empty(C, dtype=x.dtype)
+    sc = np.empty(C, dtype=x.dtype)
+    sh = np.empty(C, dtype=x.dtype)
+    for c in range(C):
+        dl[c] = stat[5, c]
+        sc[c] = stat[3, c]
+        sh[c] = stat[4, c]
+    for p in prange(P):
+        _nhwc_apply_rows(x, y, r, has_res, C, p * M // P, (p + 1) * M // P, k, dl, sc, sh,
+                         code, slope, z)
+
+
+@_parallel
+def nhwc_partials(x, M, C, P, cnt_o, mean_o, m2_o):
+    """Per-(row block, channel) partials ``(n, mean, m2)``, item ``p*C + c`` (the
+    distributed path merges them with :func:`batchnorm.stats.merge_many`).
+
+    Args:
+        x: the input, flat ``(M·C,)``, float32 or float64 (the accumulation dtype).
+        M, C: the channels-last shape (rows, channels).
+        P: row blocks (``cpu.nhwc_blocks``); block ``p`` holds the rows
+            ``[p*M//P, (p+1)*M//P)``.
+        cnt_o, mean_o, m2_o: ``C*P`` float64, written: count, mean and ``Σ(x - mean)²`` of
+            each block.
+    """
+    z = x.dtype.type(0.0)
+    k = x[0:C]
+    for p in prange(P):
+        r0 = p * M // P
+        r1 = (p + 1) * M // P
+        _nhwc_block_partials(x, C, r0, r1, k, mean_o, m2_o, P, p, z)
+        for c in range(C):
+            mean_o[p * C + c] += k[c]
+            cnt_o[p * C + c] = r1 - r0
+
+
+@_parallel
+def nhwc_apply(x, y, r, has_res, M, C, P, mean, scale, shift, code, slope):
+    """``y = act((x - mean)·scale + shift [+ r])`` (eval forward, the distributed path
+    and the in-place forward).
+
+    Args:
+        x: the input, flat ``(M·C,)``, float32 or float64 (the accumulation dtype).
+        y: the output, like ``x`` (written; may be ``x`` itself, as the in-place forward does).
+        r: the residual, like ``x``, added before the activation; ``x`` itself when ``has_res``
+            is False (then never read).
+        has_res: whether ``r`` is added.
+        M, C: the channels-last shape (rows, channels).
+        P: row blocks (``cpu.nhwc_blocks``); block ``p`` holds the rows
+            ``[p*M//P, (p+1)*M//P)``.
+        mean, scale, shift: ``(C,)`` in ``x``'s dtype; ``y = act((x - mean)·scale + shift
+            [+ r])``.
+        code: the activation's code (:data:`batchnorm.activations.CODES`).
+        slope: the activation's parameter (leaky slope, ELU alpha), a scalar of ``x``'s dtype.
+    """
+    z = x.dtype.type(0.0)
+    zero = np.zeros(C, dtype=x.dtype)
+    for p in prange(P):
+        _nhwc_apply_rows(x, y, r, has_res, C, p * M // P, (p + 1) * M // P, mean, zero, scale,
+                         shift, code, slope, z)
+
