@@ -20,6 +20,7 @@ on an ordinary output.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -40,7 +41,7 @@ class Layout:
     @property
     def strides(self) -> tuple[int, ...]:
         """The strides of a dense tensor of the user's shape in this layout's memory order."""
-        return _strides(self.kind, self.shape)
+        return _strides(self.kind, self.shape)  # cached: a layer sees few shapes
 
     def canonical(self, t: Tensor) -> Tensor:
         """``t`` (the user's shape, any memory format) in this canonical form; a copy only when
@@ -67,6 +68,7 @@ class Layout:
         return y.as_strided(self.shape, self.strides, y.storage_offset())
 
 
+@functools.lru_cache(maxsize=1024)
 def _strides(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The strides of a dense tensor of ``shape`` in the layout's memory order."""
     if kind != "last":
@@ -93,8 +95,14 @@ def canonicalize(x: Tensor) -> tuple[Tensor, Layout]:
     """View ``x`` as channels-first ``(N, C, S)`` or channels-last ``(M, C)`` without copying
     (inputs that are neither are made contiguous once); returns the canonical tensor and its
     :class:`Layout`."""
-    if x.dim() == 2 and x.is_contiguous():  # already (M, C): the common 2-D case, no view
+    d = x.dim()
+    if d == 2 and x.is_contiguous():  # already (M, C): the common 2-D case, no view
         return x, Layout("nc", tuple(x.shape))
+    if d == 4 and not x.is_contiguous() \
+            and x.is_contiguous(memory_format=torch.channels_last):
+        # the common channels-last case (layout_of's "last", read from two stride flags)
+        n, c, h, w = x.shape
+        return x.permute(0, 2, 3, 1).view(n * h * w, c), Layout("last", (n, c, h, w))
     lay = layout_of(x)
     return lay.canonical(x), lay
 

@@ -35,11 +35,14 @@ _FLUSH_ROWS = 256  # channels-last: rows summed in the accumulation dtype before
 # the running statistics can skip a non-finite batch. Helpers are inlined at the Numba IR level
 # and so compile under the flags of the kernel that calls them. Vectorised reductions are
 # reassociated in a way fixed by the loop length alone, so results stay bitwise reproducible.
+# error_model="numpy": a float division is IEEE (no zero-divisor check raising
+# ZeroDivisionError), whose branch kept every loop with a division from vectorising; no kernel
+# divides by a value that can be zero.
 _FM = {"reassoc", "contract"}
-_parallel = njit(cache=True, nogil=True, fastmath=_FM, parallel=True)
-_njit_inline = njit(inline="always", fastmath=_FM)
+_parallel = njit(cache=True, nogil=True, fastmath=_FM, parallel=True, error_model="numpy")
+_njit_inline = njit(inline="always", fastmath=_FM, error_model="numpy")
 # A helper compiled once and called (not inlined at every call site): the short-run paths, whose
 # inlined copies multiplied the first-call compile time, and the channels-last block sums and dx
 # rows (one call per row block) (docs/decisions.md, "Channels-first short runs: whole samples
 # taken directly, and called, not inlined").
-_njit_called = njit(cache=True, nogil=True, fastmath=_FM)
+_njit_called = njit(cache=True, nogil=True, fastmath=_FM, error_model="numpy")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._activations import NONE, RELU, _act
+from ._activations import NONE, RELU, _act_run
 from ._jit import _FLUSH_ROWS, _njit_called, _njit_inline, _parallel
 from ._segments import _finalize, _g1
 
@@ -118,8 +118,7 @@ def _lane_forward(x, y, r, has_res, N, C, S, c0, c1, w_, bias, has_w, has_b, eps
                     p += rs[k]
                 ys[k] = p
             if code != NONE:
-                for k in range(w):
-                    ys[k] = _act(ys[k], code, slope, z, x)
+                _act_run(ys, w, code, slope, z)
 
 
 

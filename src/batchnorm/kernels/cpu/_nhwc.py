@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._activations import NONE, RELU
+from ._activations import NONE, RELU, _act_run
 from ._jit import _FLUSH_ROWS, _njit_inline, _parallel
-from ._segments import _act_inplace, _finalize
+from ._segments import _finalize
 
 # Rows are taken four at a time: the per-channel vectors (shift, accumulators, scale, ...) are
 # loaded once per four rows instead of once per row (the loops along C are L1-bound otherwise).
@@ -137,9 +137,12 @@ def _relu_or_id(v, code, z):
 @_njit_inline
 def _nhwc_apply_rows(x, y, r, has_res, C, r0, r1, k, dl, scale, shift, code, slope, z):
     """``y = act(((x - k) - dl)·scale + shift [+ r])`` for rows ``[r0, r1)``."""
+    # The rows are written with ReLU or nothing (``lin``); another activation then runs once
+    # over the block's rows, which are contiguous and still in cache (one loop, vectorised).
     simple = code == NONE or code == RELU  # noqa: SIM109 (kept plain for Numba)
+    lin = code if simple else NONE
     row = r0
-    if simple and not has_res:
+    if not has_res:
         while row + 4 <= r1:
             o = row * C
             x0 = x[o:o + C]
@@ -155,12 +158,12 @@ def _nhwc_apply_rows(x, y, r, has_res, C, r0, r1, k, dl, scale, shift, code, slo
                 dc = dl[c]
                 s = scale[c]
                 h = shift[c]
-                y0[c] = _relu_or_id(((x0[c] - kc) - dc) * s + h, code, z)
-                y1[c] = _relu_or_id(((x1[c] - kc) - dc) * s + h, code, z)
-                y2[c] = _relu_or_id(((x2[c] - kc) - dc) * s + h, code, z)
-                y3[c] = _relu_or_id(((x3[c] - kc) - dc) * s + h, code, z)
+                y0[c] = _relu_or_id(((x0[c] - kc) - dc) * s + h, lin, z)
+                y1[c] = _relu_or_id(((x1[c] - kc) - dc) * s + h, lin, z)
+                y2[c] = _relu_or_id(((x2[c] - kc) - dc) * s + h, lin, z)
+                y3[c] = _relu_or_id(((x3[c] - kc) - dc) * s + h, lin, z)
             row += 4
-    elif simple:
+    else:
         while row + 2 <= r1:
             o = row * C
             x0 = x[o:o + C]
@@ -174,8 +177,8 @@ def _nhwc_apply_rows(x, y, r, has_res, C, r0, r1, k, dl, scale, shift, code, slo
                 dc = dl[c]
                 s = scale[c]
                 h = shift[c]
-                y0[c] = _relu_or_id(((x0[c] - kc) - dc) * s + h + q0[c], code, z)
-                y1[c] = _relu_or_id(((x1[c] - kc) - dc) * s + h + q1[c], code, z)
+                y0[c] = _relu_or_id(((x0[c] - kc) - dc) * s + h + q0[c], lin, z)
+                y1[c] = _relu_or_id(((x1[c] - kc) - dc) * s + h + q1[c], lin, z)
             row += 2
     while row < r1:
         o = row * C
@@ -185,13 +188,13 @@ def _nhwc_apply_rows(x, y, r, has_res, C, r0, r1, k, dl, scale, shift, code, slo
             rr = r[o:o + C]
             for c in range(C):
                 yr[c] = _relu_or_id(((xr[c] - k[c]) - dl[c]) * scale[c] + shift[c] + rr[c],
-                                    code, z)
+                                    lin, z)
         else:
             for c in range(C):
-                yr[c] = _relu_or_id(((xr[c] - k[c]) - dl[c]) * scale[c] + shift[c], code, z)
-        if not simple:
-            _act_inplace(y, o, C, code, slope, z)
+                yr[c] = _relu_or_id(((xr[c] - k[c]) - dl[c]) * scale[c] + shift[c], lin, z)
         row += 1
+    if not simple:
+        _act_run(y[r0 * C:r1 * C], (r1 - r0) * C, code, slope, z)
 
 
 @_parallel

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from ._activations import NONE, RELU, _grad
+from ._activations import NONE, RELU, _grad_run
 from ._jit import _FLUSH_ROWS, _njit_called, _njit_inline, _parallel
 from ._nhwc import _flush
 from ._segments import _g1
@@ -47,8 +47,7 @@ def _row_grad(dy, x, r, g, o, C, mean, scale, shift, has_res, code, slope, z):
     else:
         for c in range(C):
             g[c] = (xr[c] - mean[c]) * scale[c] + shift[c]
-    for c in range(C):
-        g[c] = _grad(dr[c], g[c], code, slope, z, x)
+    _grad_run(dr, g, C, code, slope, z)
 
 
 @_njit_inline

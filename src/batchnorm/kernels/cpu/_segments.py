@@ -25,7 +25,7 @@ import math
 
 from numba import njit
 
-from ._activations import NONE, RELU, _act, _grad
+from ._activations import NONE, RELU, _act_run, _grad_run
 from ._jit import _BLOCK, _njit_called, _njit_inline
 
 # ------------------------------------------------------------------------------------------
@@ -60,9 +60,7 @@ def _seg_sq(x, base, L, k, dl, z):
 @_njit_inline
 def _act_inplace(y, base, L, code, slope, z):
     """``y = act(y)`` over a run that is in L1 (non-ReLU activations)."""
-    ys = y[base:base + L]
-    for j in range(L):
-        ys[j] = _act(ys[j], code, slope, z, y)
+    _act_run(y[base:base + L], L, code, slope, z)
 
 
 @_njit_inline
@@ -118,8 +116,7 @@ def _seg_grad(dy, x, r, g, base, L, m, sc, sh, has_res, code, slope, z):
     else:
         for k in range(L):
             g[k] = (xs[k] - m) * sc + sh
-    for k in range(L):
-        g[k] = _grad(ds[k], g[k], code, slope, z, x)
+    _grad_run(ds, g, L, code, slope, z)
 
 
 @_njit_inline
