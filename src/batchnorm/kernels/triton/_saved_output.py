@@ -7,7 +7,7 @@ determinism: per-tile partials into a ``(K, C)`` buffer, summed in a fixed order
 Derivation (as :mod:`batchnorm.kernels.cpu._saved_output`). The forward computed
 ``y = act(pre)``, ``pre = x̂·γ + β [+ r]``; from ``y`` alone::
 
-    g = dy·d(y)                      act' written in y (batchnorm.invertible)
+    g = dy·d(y)                      act' written in y (batchnorm.activations)
     u = act⁻¹(y) - β [- r] = x̂·γ     so x̂ = u/γ
     sg = Σg, sgu = Σg·u              per channel (tile partials, fixed-order sum)
     dβ = sg;  dγ = sgu/γ;  dres = g
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from batchnorm.invertible import CODES
+from batchnorm.activations import CODES
 
 from . import _opt
 from ._tiles import _sum3, _tile
