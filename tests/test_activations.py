@@ -171,6 +171,23 @@ def test_inverse_where_invertible(name):
         assert not A.invertible(name, 0.0) and not A.invertible(name, -0.5)
 
 
+@pytest.mark.parametrize("name", A.ACTIVATIONS)
+def test_derivative_from_output_is_the_derivative(name):
+    """A row with an inverse also gives ``act'`` as a function of the output (the memory mode
+    reads it), equal to the derivative at the pre-activation; the others are refused."""
+    param = 0.3 if A.TABLE[name].param is not None else 0.0
+    assert (name in A.INVERTIBLE) == (A.refusal(name, param) is None)
+    if name not in A.INVERTIBLE:
+        assert "not invertible" in A.refusal(name, param)
+        return
+    p = torch.linspace(-6, 6, 49, dtype=torch.float64)
+    y = A.act_forward(p, name, param)
+    torch.testing.assert_close(A.act_grad_from_output(y, name, param), A.act_grad(p, name, param),
+                               rtol=1e-9, atol=1e-9)
+    if A.TABLE[name].param is not None:
+        assert f"needs {A.TABLE[name].needs}" in A.refusal(name, 0.0)
+
+
 def test_parameter_forms_and_errors():
     assert A.parse_activation(("elu", 2)) == ("elu", 2.0)
     assert A.parse_activation(nn.ELU(alpha=0.5)) == ("elu", 0.5)

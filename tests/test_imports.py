@@ -24,7 +24,7 @@ import batchnorm
 
 ROOT = Path(batchnorm.__file__).parent
 LAYERS = {
-    "stats": 0, "layout": 0, "activations": 0, "_errors": 0, "invertible": 0,
+    "stats": 0, "layout": 0, "activations": 0, "_errors": 0,
     "kernels": 1,
     "ops": 2, "running": 2,
     "functional": 3,

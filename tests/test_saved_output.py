@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import batchnorm
-from batchnorm.invertible import FROM_OUTPUT
+from batchnorm.activations import INVERTIBLE
 from batchnorm.kernels import get_backend
 from batchnorm.kernels.saved_output_reference import backward_from_output as reference_bfo
 from batchnorm.ops.saved_output import GAMMA_MIN, effective_weight
@@ -71,7 +71,7 @@ def test_gradients_match_stored_input(backend, act, residual, training, fmt):
 _SHAPES = [(4, 3, 7), (64, 2, 300), (6, 5), (5000, 3)]
 
 
-@pytest.mark.parametrize("act", sorted(FROM_OUTPUT))
+@pytest.mark.parametrize("act", sorted(INVERTIBLE))
 def test_backend_kernels_match_reference(backend, act):
     """Every invertible activation of the table (elu, sigmoid and tanh included: their layers
     arrive with the activation table, their kernels are here), against the float64 reference."""

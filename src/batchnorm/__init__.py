@@ -28,7 +28,8 @@ __all__ = [
     "__version__",
 ]
 
-# Feature areas add their public names below, one block each (import, then ``__all__ +=``).
+# The variants, the tools, SyncBatchNorm and the memory mode: one block each (import, then
+# ``__all__ +=``).
 from .nn.frozen import (  # noqa: E402
     FrozenBatchNorm1d,
     FrozenBatchNorm2d,
@@ -48,7 +49,6 @@ __all__ += [
     "MaskedBatchNorm1d", "BNLSTMCell", "BNLSTM", "VirtualBatchNorm1d", "VirtualBatchNorm2d",
     "FrozenBatchNorm1d", "FrozenBatchNorm2d", "FrozenBatchNorm3d", "freeze", "unfreeze",
 ]
-# [/variants]
 from .tools import (  # noqa: E402
     ActivationMonitor,
     FoldReport,
@@ -65,8 +65,7 @@ __all__ += ["ActivationMonitor", "FoldReport", "FuseReport", "export_onnx", "exp
 from .nn.sync import SyncBatchNorm, convert_sync_batchnorm  # noqa: E402
 
 __all__ += ["SyncBatchNorm", "convert_sync_batchnorm"]
-# [cli]
-# [saved-output] in-place activated BN (issue 19): the memory mode save="output"
+# in-place activated BN: the memory mode save="output"
 from .tools import SaveReport, save_output  # noqa: E402
 
 __all__ += ["SaveReport", "save_output"]

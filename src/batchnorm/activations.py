@@ -13,8 +13,8 @@ Triton kernels switch on, its parameter (name, default), the PyTorch module it i
 and converted back to, the reference forward (differentiable twice: the ``create_graph`` path
 differentiates it) and derivative, and, where the activation is a bijection, its inverse (in-place
 activated BN recovers the pre-activation from the output). Adding an activation is one entry
-here plus its two kernel functions in ``kernels/cpu/_kernels.py`` (``_act``, ``_grad``) and
-``kernels/triton.py`` (``_act_fwd``, ``_act_grad``).
+here plus its two kernel functions in ``kernels/cpu/_activations.py`` (``_act``, ``_grad``) and
+``kernels/triton/_activations.py`` (``_act_fwd``, ``_act_grad``).
 
 Derivatives, as functions of the pre-activation ``p`` (recomputed in the backward from ``x``,
 never stored). At a kink the value is PyTorch's own choice, so gradients match bit for bit there:
@@ -30,6 +30,32 @@ never stored). At a kink the value is PyTorch's own choice, so gradients match b
   ``½(1 + t) + ½p(1 - t²)·k(1 + 3·0.044715p²)``;
 - mish: ``y = p·t``, ``t = tanh(softplus(p))``: ``t + p·σ(p)·(1 - t²)``
   (``softplus' = σ``).
+
+Invertible activations: the pre-activation and the derivative, both read from the *output*. The
+memory mode ``save="output"`` (:mod:`batchnorm.ops.saved_output`) keeps only a layer's output
+``y = act(pre)`` for the backward, so it needs, for each activation it accepts, the row's
+``inverse(y, a)`` (``pre = act⁻¹(y)``) and ``output_grad(y, a)`` (``act'(pre)`` written as a
+function of ``y``). Adding an invertible activation is those two fields of its row plus its two
+device functions in ``kernels/cpu/_saved_output.py`` and ``kernels/triton/_saved_output.py``
+(switching on the row's code).
+
+=============  =========================  ===============================  ============
+activation     ``act⁻¹(y)``                ``act'`` from ``y``              invertible
+=============  =========================  ===============================  ============
+none           ``y``                      ``1``                            always
+leaky_relu     ``y`` if ``y > 0`` else    ``1`` if ``y > 0`` else ``a``     ``a > 0``
+               ``y / a``
+elu            ``y`` if ``y > 0`` else    ``1`` if ``y > 0`` else          ``a > 0``
+               ``log1p(y / a)``           ``y + a``
+sigmoid        ``log(y / (1 - y))``       ``y·(1 - y)``                    always
+tanh           ``atanh(y)``               ``1 - y²``                       always
+=============  =========================  ===============================  ============
+
+Kinks follow the stored-input path: with ``a > 0``, ``y > 0`` exactly when ``pre > 0``, so
+the derivative at ``pre = 0`` is ``a`` on both paths (PyTorch's convention). ELU, sigmoid and
+tanh saturate: there ``act⁻¹`` loses the digits ``y`` no longer holds (docs/saved_output.md).
+ReLU (and every activation that maps an interval to one value: relu6, hardswish, hardsigmoid)
+or one that is not monotone (silu, gelu, mish) has no inverse and is refused (:func:`refusal`).
 """
 
 from __future__ import annotations
@@ -44,8 +70,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "TABLE", "Activation", "ActivationSpec", "parse_activation",
-           "act_forward", "act_grad", "act_inverse", "invertible", "module_of", "spec_of"]
+__all__ = ["ACTIVATIONS", "TABLE", "INVERTIBLE", "Activation", "ActivationSpec",
+           "parse_activation", "act_forward", "act_grad", "act_inverse", "act_grad_from_output",
+           "invertible", "refusal", "module_of", "spec_of"]
 
 ActivationSpec = Any  # None | str | tuple[str, float] | nn.Module, see parse_activation
 Fn = Callable[[Tensor, float], Tensor]
@@ -63,7 +90,9 @@ class Activation:
     ``param``: the constructor keyword of ``module`` that holds the parameter (``None`` when the
     activation has none); ``fixed``: constructor keywords whose value selects this activation
     (``approximate="tanh"``); ``inverse``/``invertible``: ``act⁻¹(y, param)`` and whether it
-    exists for a given parameter; ``foreign``: the qualified names of other libraries' classes
+    exists for a given parameter, ``output_grad``: ``act'(act⁻¹(y))`` as a function of ``y``,
+    ``needs``: the parameter rule for the error message (the module docstring's table);
+    ``foreign``: the qualified names of other libraries' classes
     that compute exactly this activation and take no parameter (timm's ``GELU``, ``Tanh``, ...),
     parsed as it too (by name: this module imports no other library).
     """
@@ -78,6 +107,8 @@ class Activation:
     fixed: tuple[tuple[str, Any], ...] = ()
     inverse: Fn | None = None
     invertible: Callable[[float], bool] = lambda param: False
+    output_grad: Fn | None = None
+    needs: str = ""
     foreign: tuple[str, ...] = ()
 
     def to_module(self, param: float) -> nn.Module | None:
@@ -162,6 +193,14 @@ def _elu_inverse(y: Tensor, a: float) -> Tensor:
     return torch.where(y > 0, y, torch.log1p(y / a))
 
 
+def _leaky_output_grad(y: Tensor, a: float) -> Tensor:
+    return torch.where(y > 0, torch.ones_like(y), torch.full_like(y, a))
+
+
+def _elu_output_grad(y: Tensor, a: float) -> Tensor:
+    return torch.where(y > 0, torch.ones_like(y), y + a)
+
+
 def _positive(param: float) -> bool:
     return param > 0
 
@@ -174,11 +213,13 @@ _TIMM = "timm.layers.activations"  # timm's own activation classes (no parameter
 
 _ENTRIES = (
     Activation("none", 0, lambda p, a: p, _ones, nn.Identity,
-               inverse=lambda y, a: y, invertible=_always),
+               inverse=lambda y, a: y, invertible=_always,
+               output_grad=lambda y, a: torch.ones_like(y)),
     Activation("relu", 1, lambda p, a: F.relu(p), _step, nn.ReLU),
     Activation("leaky_relu", 2, F.leaky_relu, _leaky_grad, nn.LeakyReLU,
                param="negative_slope", default=0.01, inverse=_leaky_inverse,
-               invertible=_positive),
+               invertible=_positive, output_grad=_leaky_output_grad,
+               needs="a negative slope > 0"),
     Activation("silu", 3, lambda p, a: F.silu(p), _silu_grad, nn.SiLU,
                foreign=(f"{_TIMM}.Swish",)),
     Activation("gelu", 4, lambda p, a: F.gelu(p), _gelu_grad, nn.GELU,
@@ -190,12 +231,13 @@ _ENTRIES = (
                foreign=(f"{_TIMM}.HardSigmoid",)),
     Activation("sigmoid", 8, lambda p, a: torch.sigmoid(p), _sigmoid_grad, nn.Sigmoid,
                inverse=lambda y, a: torch.logit(y), invertible=_always,
-               foreign=(f"{_TIMM}.Sigmoid",)),
+               output_grad=lambda y, a: y * (1 - y), foreign=(f"{_TIMM}.Sigmoid",)),
     Activation("tanh", 9, lambda p, a: torch.tanh(p), _tanh_grad, nn.Tanh,
                inverse=lambda y, a: torch.atanh(y), invertible=_always,
-               foreign=(f"{_TIMM}.Tanh",)),
+               output_grad=lambda y, a: 1 - y * y, foreign=(f"{_TIMM}.Tanh",)),
     Activation("elu", 10, lambda p, a: F.elu(p, a), _elu_grad, nn.ELU, param="alpha",
-               default=1.0, inverse=_elu_inverse, invertible=_positive),
+               default=1.0, inverse=_elu_inverse, invertible=_positive,
+               output_grad=_elu_output_grad, needs="alpha > 0"),
     Activation("mish", 11, lambda p, a: F.mish(p), _mish_grad, nn.Mish,
                foreign=(f"{_TIMM}.Mish",)),
     Activation("gelu_tanh", 12, lambda p, a: F.gelu(p, approximate="tanh"), _gelu_tanh_grad,
@@ -205,6 +247,8 @@ _ENTRIES = (
 TABLE: dict[str, Activation] = {e.name: e for e in _ENTRIES}
 ACTIVATIONS = tuple(TABLE)
 CODES: dict[str, int] = {e.name: e.code for e in _ENTRIES}
+#: the activations ``save="output"`` can take (those with an inverse), in table order
+INVERTIBLE = tuple(e.name for e in _ENTRIES if e.inverse is not None)
 _WITH_PARAM = tuple(e.name for e in _ENTRIES if e.param is not None)
 
 
@@ -303,6 +347,26 @@ def act_inverse(y: Tensor, name: str, param: float) -> Tensor:
     if entry.inverse is None or not entry.invertible(param):
         raise ValueError(f"activation: {name} (parameter {param}) is not invertible")
     return entry.inverse(y, param)
+
+
+def act_grad_from_output(y: Tensor, name: str, param: float) -> Tensor:
+    """``act'(act⁻¹(y))`` as a function of ``y`` (plain PyTorch ops, any device); for an
+    invertible activation (see :func:`refusal`)."""
+    return _entry(name).output_grad(y, param)  # type: ignore[misc]
+
+
+def refusal(name: str, param: float) -> str | None:
+    """Why ``save="output"`` cannot take activation ``(name, param)``, or ``None`` when it can."""
+    entry = TABLE.get(name)
+    if entry is None or entry.inverse is None:
+        return (f"activation {name!r} is not invertible, so the backward cannot recover the "
+                "normalized input from the output; use activation='leaky_relu' (or "
+                "('leaky_relu', slope) with slope > 0), which is, or save='input'")
+    if not entry.invertible(param):
+        return (f"activation {name!r} with parameter {param} is not invertible (it needs "
+                f"{entry.needs}); use activation='leaky_relu' with a slope > 0, or "
+                "save='input'")
+    return None
 
 
 def _entry(name: str) -> Activation:

@@ -169,7 +169,8 @@ def _update_cpu(
 ) -> Tensor:
     """:func:`_update_impl` for eager CPU tensors: the same float64 blend, done by the backend's
     :meth:`~batchnorm.kernels.base.Backend.blend_running` on NumPy views (a dozen torch
-    dispatches cost ~45 µs per call, more than the rest of a small layer); on the CPU the
+    dispatches cost more than the rest of a small layer; docs/decisions.md, "Host-side
+    micro-costs"); on the CPU the
     finiteness flag can be read for free, so the skip is a plain branch."""
     if running_mean.is_inference() or running_var.is_inference():
         with torch.no_grad():  # torch's own in-place rules and errors for inference tensors

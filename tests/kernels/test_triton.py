@@ -185,7 +185,7 @@ def test_primitives_match_reference(strategy, layout):
 def test_merge_kernel_is_stats_merge_many(k, shifted):
     """The split forward's in-kernel merge + finalize agrees with stats.merge_many/finalize;
     shifted: the partial means are of ``x - K`` and the kernel also writes ``K + δ``."""
-    from batchnorm.kernels import triton as T
+    from batchnorm.kernels.triton import _forward as T
 
     c = 37
     n = torch.randint(1, 50, (k, c), device=DEVICE).float()
@@ -365,7 +365,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import batchnorm.kernels.triton as K
+import batchnorm.kernels.triton._backward as B
+import batchnorm.kernels.triton._forward as F
 
 HALF = ("x_ptr", "y_ptr", "res_ptr", "dy_ptr", "dx_ptr", "dres_ptr", "b_ptr")
 INTS = ("R", "C", "S", "stride_r", "stride_c", "K")
@@ -388,28 +389,28 @@ def check(fn, **consts):
 flags = dict(HAS_W=True, HAS_B=True, HAS_RES=True)
 bwd = dict(NEED_DX=True, NEED_DRES=True, NEED_DW=True, NEED_DB=True)
 for act in range(5):
-    check(K._fwd_persistent_kernel, ACT=act, **flags)
-    check(K._bwd_persistent_kernel, ACT=act, TRAINING=True, **bwd, **flags)
-check(K._fwd_persistent_kernel, ACT=1, HAS_W=False, HAS_B=False, HAS_RES=False,
+    check(F._fwd_persistent_kernel, ACT=act, **flags)
+    check(B._bwd_persistent_kernel, ACT=act, TRAINING=True, **bwd, **flags)
+check(F._fwd_persistent_kernel, ACT=1, HAS_W=False, HAS_B=False, HAS_RES=False,
       BLOCK_R=64, BLOCK_C=32, BLOCK_S=1)
 for shifted in (True, False):
-    check(K._partials_kernel, SHIFTED=shifted, INT64=True)
-    check(K._merge_kernel, HAS_W=True, SHIFTED=shifted, BLOCK_K=64, BLOCK_C=32,
+    check(F._partials_kernel, SHIFTED=shifted, INT64=True)
+    check(F._merge_kernel, HAS_W=True, SHIFTED=shifted, BLOCK_K=64, BLOCK_C=32,
           INT64=shifted)
-    check(K._apply_kernel, ACT=1, HAS_SCALE=True, SHIFTED=shifted, INT64=shifted, **flags)
+    check(F._apply_kernel, ACT=1, HAS_SCALE=True, SHIFTED=shifted, INT64=shifted, **flags)
 for has_w in (True, False):
-    check(K._merge_kernel, HAS_W=has_w, SHIFTED=True, BLOCK_K=64, BLOCK_C=32)
-    check(K._bwd_sum_kernel, HAS_W=has_w, NEED_SCALE=True, NEED_DW=True, NEED_DB=True,
+    check(F._merge_kernel, HAS_W=has_w, SHIFTED=True, BLOCK_K=64, BLOCK_C=32)
+    check(B._bwd_sum_kernel, HAS_W=has_w, NEED_SCALE=True, NEED_DW=True, NEED_DB=True,
           BLOCK_K=64, BLOCK_C=32)
 for has_scale in (True, False):
-    check(K._apply_kernel, ACT=4, HAS_SCALE=has_scale, SHIFTED=False, **flags)
-    check(K._bwd_reduce_kernel, ACT=3, HAS_SCALE=has_scale, **flags)
+    check(F._apply_kernel, ACT=4, HAS_SCALE=has_scale, SHIFTED=False, **flags)
+    check(B._bwd_reduce_kernel, ACT=3, HAS_SCALE=has_scale, **flags)
 for training in (True, False):
-    check(K._bwd_apply_kernel, ACT=2, HAS_B=True, HAS_RES=True, TRAINING=training,
+    check(B._bwd_apply_kernel, ACT=2, HAS_B=True, HAS_RES=True, TRAINING=training,
           NEED_X=True, NEED_DX=True, NEED_DRES=True)
-    check(K._bwd_persistent_kernel, ACT=0, HAS_W=False, HAS_B=False, HAS_RES=False,
+    check(B._bwd_persistent_kernel, ACT=0, HAS_W=False, HAS_B=False, HAS_RES=False,
           TRAINING=training, NEED_DX=True, NEED_DRES=False, NEED_DW=False, NEED_DB=False)
-check(K._bwd_apply_kernel, ACT=0, HAS_B=False, HAS_RES=False, TRAINING=False, NEED_X=False,
+check(B._bwd_apply_kernel, ACT=0, HAS_B=False, HAS_RES=False, TRAINING=False, NEED_X=False,
       NEED_DX=False, NEED_DRES=True)
 print("compiled")
 """

@@ -41,7 +41,8 @@ def set_threads(n: int) -> None:
     """``n`` intra-op threads for torch and, when it is installed, for Numba's parallel kernels.
 
     Numba's thread pool spin-waits: on a shared 2-core machine a training step of the claim-1
-    MLP took 244 ms with its default pool against 3.7 ms with one thread (measured, load ~8).
+    MLP was many times slower with its default pool than with one thread (docs/decisions.md,
+    "One thread for torch and Numba in the harness").
     """
     torch.set_num_threads(n)
     try:

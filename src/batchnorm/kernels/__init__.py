@@ -100,7 +100,8 @@ def select(x: Tensor) -> Backend:
                 f"(available: {available_backends()})"
             )
         return backend if backend.supports(x) else reference
-    # ``is_cpu`` is a flag read; ``device.type`` builds a device object (0.25 µs a call)
+    # ``is_cpu`` is a flag read; ``device.type`` builds a device object on every call
+    # (docs/decisions.md, "Host-side micro-costs")
     for candidate in PREFERENCE.get("cpu" if x.is_cpu else x.device.type, ()):
         backend = get_backend(candidate)
         if backend is not None and backend.supports(x) and backend.prefers(x):

@@ -7,7 +7,7 @@ Only the output ``y = act(pre)`` was kept, ``pre = x̂·γ + β [+ residual]``. 
 usual backward follows (``γ`` here is the layer's effective weight, whose magnitude the op layer
 keeps at least :data:`batchnorm.ops.saved_output.GAMMA_MIN`)::
 
-    g = dy·act'(pre)            act' read from y (batchnorm.invertible)
+    g = dy·act'(pre)            act' read from y (batchnorm.activations)
     dβ = Σ g;  dγ = Σ g·x̂ = (Σ g·u)/γ
     dx = γ·rstd·(g - Σg/n - x̂·Σg·x̂/n)      (training: batch statistics)
     dx = γ·rstd·g                            (running statistics)
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..invertible import grad_from_output, inverse_from_output
+from ..activations import act_grad_from_output, act_inverse
 
 
 def _bcast(v: Tensor, x: Tensor) -> Tensor:
@@ -42,9 +42,9 @@ def backward_from_output(
     yf = y.to(acc)
     g = grad_y.to(acc)
     if act != "none":
-        g = g * grad_from_output(yf, act, slope)
+        g = g * act_grad_from_output(yf, act, slope)
     sum_g = g.sum(_dims(y))
-    u = inverse_from_output(yf, act, slope)
+    u = act_inverse(yf, act, slope)
     if bias is not None:
         u = u - _bcast(bias.to(acc), y)
     if residual is not None:

@@ -22,8 +22,8 @@ class EagerForward(torch.autograd.Function):
     """The same forward and backward as the custom op, without the dispatcher.
 
     Outside ``torch.compile``/``torch.export`` the custom-op machinery (schema checks, default
-    filling, redispatch) cost more than the whole kernel for small tensors (measured: ~170 µs
-    per layer call against PyTorch's ~10 µs on a (4, 8) batch), so eager calls come here.
+    filling, redispatch) cost more than the whole kernel for small tensors (docs/decisions.md,
+    "Eager calls skip the dispatcher"), so eager calls come here.
     """
 
     @staticmethod
@@ -68,7 +68,8 @@ class EagerForward(torch.autograd.Function):
 class EagerForwardCtx(torch.autograd.Function):
     """:class:`EagerForward` in the ``forward(ctx, ...)`` style, used when no ``torch.func``
     transform is active: ``Function.apply`` binds a ``setup_context``-style forward's arguments
-    through ``inspect.signature`` on every call (~12 µs, as much as a small kernel). Its inputs
+    through ``inspect.signature`` on every call, as costly as a small kernel (docs/decisions.md,
+    "Eager per-call overhead: `autograd.Function` without `setup_context`"). Its inputs
     are the four differentiable ones and one tuple of the rest, ending with the
     :class:`RunningUpdate` to fold in (or ``None``): ``apply`` inspects every argument.
 

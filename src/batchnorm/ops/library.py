@@ -252,8 +252,9 @@ def backends_loaded(device_type: str) -> bool:
 
 
 # The mark ``torch.compiler.assume_constant_result`` sets (torch/_dynamo/decorators.py), set
-# here without calling it: the decorator imports Dynamo, and Dynamo imports Triton, which took
-# ``import batchnorm`` from 0.9 to 1.9 s (a test checks that the mark is still torch's).
+# here without calling it: the decorator imports Dynamo, and Dynamo imports Triton, which would
+# double the time of ``import batchnorm`` (docs/decisions.md, "`torch.compile` traces into the
+# kernels: `torch.library.triton_op`"; a test checks that the mark is still torch's).
 backends_loaded._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 

@@ -42,7 +42,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import ops
-from ..invertible import refusal
+from ..activations import refusal
 from ..kernels import select
 from ..kernels.base import RunningUpdate
 from ..layout import canonicalize

@@ -38,6 +38,8 @@ from triton.runtime.jit import JITFunction
 
 from ..kernels import get_backend
 from ..kernels import triton as _tb
+from ..kernels.triton import _backward as _tbb
+from ..kernels.triton import _forward as _tbf
 from ..layout import canonicalize
 from . import library as L
 
@@ -45,9 +47,9 @@ __all__ = ["forward", "triton_forward_op", "triton_backward_op", "KERNELS"]
 
 #: Every kernel the ops launch (for ``torch.compile``'s cache key, see the end of the module).
 KERNELS = (
-    _tb._fwd_persistent_kernel, _tb._partials_kernel, _tb._merge_kernel, _tb._apply_kernel,
-    _tb._bwd_persistent_kernel, _tb._bwd_reduce_kernel, _tb._bwd_sum_kernel,
-    _tb._bwd_apply_kernel,
+    _tbf._fwd_persistent_kernel, _tbf._partials_kernel, _tbf._merge_kernel, _tbf._apply_kernel,
+    _tbb._bwd_persistent_kernel, _tbb._bwd_reduce_kernel, _tbb._bwd_sum_kernel,
+    _tbb._bwd_apply_kernel,
 )
 
 

@@ -1,7 +1,8 @@
 """Switch a model's batch-norm layers to the memory mode ``save="output"``, with a report.
 
 A layer can switch when it is one of the plain layers (``BatchNorm1d/2d/3d``), its activation is
-invertible (``None`` or leaky ReLU with a positive slope; see :mod:`batchnorm.invertible`), and
+invertible (``None`` or leaky ReLU with a positive slope; see
+:func:`batchnorm.activations.refusal`), and
 nothing writes its output in place afterwards (the backward reads the saved output: autograd
 would refuse an overwritten one). :func:`batchnorm.fuse` knows the graph and checks the last
 rule on it (``fuse(model, example, save="output")``); :func:`batchnorm.convert_model` and
@@ -18,8 +19,7 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-from ..activations import parse_activation
-from ..invertible import refusal
+from ..activations import parse_activation, refusal
 from ..nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from ..ops.saved_output import SAVE_MODES
 from .fold import is_batch_norm

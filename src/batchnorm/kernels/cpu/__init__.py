@@ -61,11 +61,10 @@ _CHANNELS_PER_THREAD = 4
 _MIN_CHUNK = 4096  # elements; smaller chunks cost more in bookkeeping than they gain
 _BLOCK_ELEMENTS = 65536  # channels-last row block: 256 KB of float32, cache-resident per thread
 # At least this many rows per block: a block's C-sized bookkeeping (accumulators, flushes, its
-# partial's write) cost ~6 passes over C, 19% of the work of a 32-row block (C = 2048: 49 blocks
-# of 32 rows before). Measured with 2 threads, forward / backward: (1568, 2048) 834 → 723 /
-# 1393 → 1339 µs, (784, 4096) 1022 → 721 / 1485 → 1233 µs with 128 rows; 256 rows (blocks
-# past the L2 size for C ≥ 1024, which the L3 then serves): (1568, 2048) 461 → 435 / 773 →
-# 742 µs, (6272, 1024) and (25088, 512) unchanged within 2% (docs/decisions.md).
+# partial's write) costs a few passes over C, a large share of the work of a short block; wide
+# tensors gain from blocks past the L2 size, which the L3 then serves (docs/decisions.md,
+# "Channels-last blocks of at least 128 rows" and "Channels-last blocks: a multiple of the
+# thread count, at least 256 rows").
 _MIN_BLOCK_ROWS = 256
 
 
@@ -73,8 +72,8 @@ def _launch_quiet_pool() -> None:
     """Start Numba's thread pool with OpenMP threads that sleep, not spin, when idle.
 
     PyTorch and Numba each load their own OpenMP runtime; spinning workers of one steal the two
-    cores from the other (measured on the 2-core machine: a small conv right after a Numba
-    kernel 32 ms instead of 1.3 ms, the kernel itself 8 ms instead of 0.2 ms). GNU OpenMP reads
+    cores from the other, slowing both many times over (docs/decisions.md, "Numba's OpenMP pool
+    starts passive"). GNU OpenMP reads
     ``OMP_WAIT_POLICY`` when it loads, which for Numba's runtime is here, so the setting is
     scoped to Numba's pool and the environment is restored. A user's own
     ``OMP_WAIT_POLICY`` or ``NUMBA_THREADING_LAYER`` is left alone.
@@ -104,7 +103,9 @@ def _threads(numel: int, serial_below: int) -> int:
     ``torch.get_num_threads()`` alone, as are the work split and therefore the results.
 
     Numba's count is per Python thread; the last count this module set is remembered per
-    thread, so ``numba.set_num_threads`` (0.6 µs with its checks) runs only on a change."""
+    thread, so ``numba.set_num_threads`` (as costly as a small kernel's bookkeeping, with its
+    checks) runs only on a change (docs/decisions.md, "Per-call overhead pass (goal: (60, 100)
+    and (256, 1024) fwd+bwd)")."""
     t = torch.get_num_threads()
     t = 1 if numel < serial_below or t <= 1 else min(t, _MAX_THREADS)
     if getattr(_TLS, "threads", 0) != t:
@@ -115,12 +116,11 @@ def _threads(numel: int, serial_below: int) -> int:
 
 _TLS = threading.local()
 _MAX_THREADS = max(1, int(getattr(numba.config, "NUMBA_NUM_THREADS", 1)))
-# Below this many elements a call runs on one thread (see _threads and docs/decisions.md).
-# Channels-first with one channel per item is one parallel region per call; channels-last is
-# two (block partials, then the output or dx), so the fork/joins outweigh the second core up to
-# larger tensors: kernels on one / two threads, µs, forward and backward, (60, 100) 8.4 / 11.9
-# and 8.0 / 14.3; (128, 256) 14.7 / 17.4 and 16.3 / 20.2; (128, 512) 22.1 / 24.3 and
-# 26.9 / 26.4; (256, 512) 36.1 / 32.3 and 47.6 / 37.3.
+# Below this many elements a call runs on one thread (see _threads). Channels-first with one
+# channel per item is one parallel region per call; channels-last is two (block partials, then
+# the output or dx), so the fork/joins outweigh the second core up to larger tensors
+# (docs/decisions.md, "Threads: all of PyTorch's, one below 4096 elements
+# (`SERIAL_ELEMENTS`)").
 SERIAL_ELEMENTS = 1 << 12
 SERIAL_ELEMENTS_LAST = 1 << 16
 
@@ -164,8 +164,10 @@ def nhwc_blocks(m: int, c: int, threads: int) -> int:
 def _np(t: Tensor) -> np.ndarray:
     """Flat NumPy view of a contiguous CPU tensor (a copy only if it is not contiguous).
 
-    ``Tensor.numpy()`` then NumPy's ``reshape``: 0.8 µs against 1.7 µs for
-    ``t.detach().reshape(-1).numpy()``; ``detach`` only where autograd would refuse."""
+    ``Tensor.numpy()`` then NumPy's ``reshape``: half the cost of
+    ``t.detach().reshape(-1).numpy()``; ``detach`` only where autograd would refuse
+    (docs/decisions.md, "Per-call overhead pass (goal: (60, 100) and (256, 1024)
+    fwd+bwd)")."""
     a = (t.detach() if t.requires_grad else t).numpy()
     return a if a.ndim == 1 else a.reshape(-1)
 
@@ -290,8 +292,8 @@ class _Args:
 #: activations whose fused kernels beat our layer followed by PyTorch's own activation: the
 #: kernels have ReLU and identity paths of their own; every other activation goes through the
 #: generic per-element switch, which does not vectorize (and exp/erf/tanh have no vector
-#: versions in Numba here), measured 2-5x slower than the separate activation
-#: (docs/decisions.md)
+#: versions in Numba here), slower than the separate activation (docs/decisions.md, "On the
+#: CPU, `fuse` fuses ReLU only")
 _FAST_FUSED = frozenset({"none", "relu"})
 
 
@@ -355,7 +357,8 @@ class CpuBackend(Backend):
         return dx, dres
 
     def blend_running(self, running_mean, running_var, mean, var_unbiased, factor):
-        # one Numba call (~3 µs) against ~20 µs of NumPy calls on a C = 1024 layer
+        # one Numba call instead of a dozen NumPy calls (docs/decisions.md, "Eager
+        # running-statistics update: one Numba call, version counters moved explicitly")
         if all(a.dtype in _NP_DTYPES for a in (running_mean, running_var, mean, var_unbiased)):
             return bool(running_blend(running_mean, running_var, mean, var_unbiased,
                                         var_unbiased.dtype.type(1.0), float(factor)))

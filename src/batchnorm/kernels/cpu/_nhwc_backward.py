@@ -114,7 +114,8 @@ def _nhwc_dx_rows(dy, x, r, has_res, C, r0, r1, mean, scale, shift, code, slope,
                   need_dx, need_dres, dx, dres, z):
     if (code == NONE or code == RELU) and need_dx:  # noqa: SIM109 (kept plain for Numba)
         # g computed in the dx loop, one row per sweep (two rows, as in the sums, were slower
-        # here: one more output and three more inputs in the loop; 89.9 vs 50.2 µs at C = 64)
+        # here: one more output and three more inputs in the loop; docs/decisions.md,
+        # "Channels-last backward for none/ReLU: `g` in registers")
         for row in range(r0, r1):
             o = row * C
             x0 = x[o:o + C]

@@ -5,7 +5,8 @@ contiguous 1-D views, as in :mod:`._jit`: channels-first ``(N, C, S)`` element
 ``(n, c, s)`` at ``(n*C + c)*S + s``, channels-last ``(M, C)`` element ``(m, c)`` at ``m*C + c``.
 
 Derivation. The forward computed ``y = act(pre)``, ``pre = x̂·γ + β [+ r]``, with ``x̂ =
-(x - mean)·rstd``. Read from ``y`` (``batchnorm.invertible``)::
+(x - mean)·rstd``. Read from ``y`` (the rows' ``output_grad`` and ``inverse``,
+:mod:`batchnorm.activations`)::
 
     g = dy·act'(pre) = dy·d(y)                  d: the derivative written in y
     u = act⁻¹(y) - β [- r] = x̂·γ                so x̂ = u/γ
@@ -35,7 +36,7 @@ from numba import njit, prange
 from torch import Tensor
 
 from ... import stats as S
-from ...invertible import CODES
+from ...activations import CODES
 from . import (
     SERIAL_ELEMENTS,
     SERIAL_ELEMENTS_LAST,

@@ -1,13 +1,13 @@
 """Triton kernels of the memory mode ``save="output"``: the backward from the layer's output.
 
-Same tiling as :mod:`batchnorm.kernels.triton` (every input viewed as ``(R, C, S)``,
-channels-last ``(M, C)`` as ``(M, C, 1)``; tiles of its split plan) and the same
+Same tiling as the package's kernels (:mod:`batchnorm.kernels.triton`; every input viewed
+as ``(R, C, S)``, channels-last ``(M, C)`` as ``(M, C, 1)``; tiles of its split plan) and the same
 determinism: per-tile partials into a ``(K, C)`` buffer, summed in a fixed order, no atomics.
 
 Derivation (as :mod:`batchnorm.kernels.cpu._saved_output`). The forward computed
 ``y = act(pre)``, ``pre = x̂·γ + β [+ r]``; from ``y`` alone::
 
-    g = dy·d(y)                      act' written in y (batchnorm.invertible)
+    g = dy·d(y)                      act' written in y (batchnorm.activations)
     u = act⁻¹(y) - β [- r] = x̂·γ     so x̂ = u/γ
     sg = Σg, sgu = Σg·u              per channel (tile partials, fixed-order sum)
     dβ = sg;  dγ = sgu/γ;  dres = g
@@ -26,8 +26,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from batchnorm.invertible import CODES
-from batchnorm.kernels.triton import _opt, _sum3, _tile
+from batchnorm.activations import CODES
+
+from . import _opt
+from ._tiles import _sum3, _tile
 
 _NONE = tl.constexpr(CODES["none"])
 _LEAKY = tl.constexpr(CODES["leaky_relu"])
@@ -71,7 +73,20 @@ def _from_output_reduce_kernel(
     HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
 ):
-    """Per-tile (Σg, Σg·u) into (K, C) buffers."""
+    """Per-tile (Σg, Σg·u) into (K, C) buffers.
+
+    Args:
+        y_ptr: the layer's output ``(R, C, S)``, float32/float16/bfloat16.
+        dy_ptr: the incoming gradient, like ``y``.
+        b_ptr: β ``(C,)`` (None where absent).
+        res_ptr: the residual, like ``y`` (None where absent).
+        pg_ptr, pgu_ptr: ``(K, C)`` float32, written: the tile sums.
+        R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64: the shape and the tile
+            (:mod:`._forward`).
+        a: the activation's parameter (float).
+        HAS_B, HAS_RES: whether β, the residual are given.
+        ACT: the activation's code (an invertible one).
+    """
     offs, mask, cols, cmask, k, _first = _tile(
         tl.program_id(0), R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64)
     g, u = _g_and_u(y_ptr, dy_ptr, b_ptr, res_ptr, offs, mask, cols, cmask, a, HAS_B, HAS_RES,
@@ -87,7 +102,23 @@ def _from_output_sum_kernel(
     HAS_W: tl.constexpr, TRAINING: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Fixed-order sums over the K tiles; ``coef`` (3, C) = (c1, c2, c3); dγ, dβ if asked."""
+    """Fixed-order sums over the K tiles; ``coef`` (3, C) = (c1, c2, c3); dγ, dβ if asked.
+
+    Args:
+        pg_ptr, pgu_ptr: the tile sums ``(K, C)`` float32.
+        w_ptr: the effective γ ``(C,)``, any float dtype (None where absent: 1).
+        rstd_ptr: ``(C,)`` float32.
+        coef_ptr: ``(3, C)`` float32, written: c1, c2, c3.
+        dw_ptr, db_ptr: dγ and dβ ``(C,)`` in γ's / β's dtype (None where not needed).
+        K, C: the partial buffers' shape.
+        n: elements per channel (float).
+        HAS_W: whether γ is given.
+        TRAINING: whether c2 and c3 are the batch-statistics terms
+            (else 0).
+        NEED_DW, NEED_DB: which outputs to write.
+        BLOCK_K, BLOCK_C: the block of partials one
+            program reads.
+    """
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     sg = tl.zeros((BLOCK_C,), tl.float32)
@@ -123,7 +154,22 @@ def _from_output_apply_kernel(
     NEED_DRES: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr, INT64: tl.constexpr,
 ):
-    """dx = c1·g - c2 - c3·u; dres = g."""
+    """dx = c1·g - c2 - c3·u; dres = g.
+
+    Args:
+        y_ptr: the layer's output ``(R, C, S)``, float32/float16/bfloat16.
+        dy_ptr: the incoming gradient, like ``y``.
+        b_ptr: β ``(C,)`` (None where absent).
+        res_ptr: the residual, like ``y`` (None where absent).
+        coef_ptr: ``(3, C)`` float32: c1, c2, c3.
+        dx_ptr, dres_ptr: outputs like ``y`` (None where not needed).
+        R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64: the shape and the tile
+            (:mod:`._forward`).
+        a: the activation's parameter (float).
+        HAS_B, HAS_RES: whether β, the residual are given.
+        ACT: the activation's code (an invertible one).
+        NEED_DX, NEED_DRES: which outputs to write.
+    """
     offs, mask, cols, cmask, _k, _first = _tile(
         tl.program_id(0), R, C, S, stride_r, stride_c, BLOCK_R, BLOCK_C, BLOCK_S, INT64)
     g, u = _g_and_u(y_ptr, dy_ptr, b_ptr, res_ptr, offs, mask, cols, cmask, a, HAS_B, HAS_RES,
