@@ -44,6 +44,7 @@ from torch import Tensor
 
 from ... import stats as S
 from ..base import Backend
+from ._act_grad import nchw_act_grad, nhwc_act_grad
 from ._activations import CODES, NONE, RELU
 from ._lanes import lanes, nchw_backward_lanes, nchw_forward_lanes
 from ._nchw import nchw_apply, nchw_backward, nchw_backward_apply, nchw_forward, nchw_partials
@@ -227,6 +228,18 @@ class _Args:
             nhwc_apply(self.x, y, self.r, self.has_res, self.m, self.c, self.p, mean, scale,
                          shift, self.code, self.slope)
 
+    def act_grad(self, dy: np.ndarray, mean: np.ndarray, scale: np.ndarray, shift: np.ndarray,
+                 g: np.ndarray) -> None:
+        """``g = dy·act'(pre)`` (an activation other than none/ReLU), then the call goes on
+        without the activation: the backward of the affine part on ``g`` (``dres = g``)."""
+        if self.first:
+            nchw_act_grad(dy, self.x, self.r, self.has_res, self.n, self.c, self.s, mean, scale,
+                          shift, self.code, self.slope, g)
+        else:
+            nhwc_act_grad(dy, self.x, self.r, self.has_res, self.m, self.c, self.p, mean, scale,
+                          shift, self.code, self.slope, g)
+        self.code, self.has_res, self.r = NONE, False, self.x
+
     def backward(self, dy: np.ndarray, mean: np.ndarray, rstd: np.ndarray, scale: np.ndarray,
                  shift: np.ndarray, training: bool, need_sums: bool, need_dx: bool,
                  need_dres: bool, dx: np.ndarray, dres: np.ndarray
@@ -289,12 +302,12 @@ class _Args:
                                   need_dres, dx, dres)
 
 
-#: activations whose fused kernels beat our layer followed by PyTorch's own activation: the
-#: kernels have ReLU and identity paths of their own; every other activation goes through the
-#: generic per-element switch, which does not vectorize (and exp/erf/tanh have no vector
-#: versions in Numba here), slower than the separate activation (docs/decisions.md, "On the
-#: CPU, `fuse` fuses ReLU only")
-_FAST_FUSED = frozenset({"none", "relu"})
+#: activations whose fused kernels beat our layer followed by PyTorch's own activation: ReLU
+#: and identity (inlined in the kernels) and the piecewise-linear ones (a vectorised loop of
+#: their own, no ``exp``). SiLU, sigmoid and the ``erf``/``tanh`` ones cost more inside our
+#: kernels than PyTorch's separate vectorised pass (docs/decisions.md, "Activations in the CPU
+#: kernels")
+_FAST_FUSED = frozenset({"none", "relu", "leaky_relu", "relu6", "hardswish", "hardsigmoid"})
 
 
 class CpuBackend(Backend):
@@ -412,10 +425,16 @@ class CpuBackend(Backend):
         shf = args.vec(bias)
         need_sums = bool((training and need_dx) or need_dweight or need_dbias)
         dx = torch.empty_like(x) if need_dx else None
-        dres = torch.empty_like(x) if need_dres else None
+        dyf = _np(grad_y)
+        if args.code not in _FUSED_CODES:  # g once, in its own pass; then no activation
+            g = torch.empty_like(x)
+            args.act_grad(dyf, mf, scf, shf, _np(g))
+            dyf, dres, need_dres = _np(g), (g if need_dres else None), False
+        else:
+            dres = torch.empty_like(x) if need_dres else None
         dxf = _np(dx) if dx is not None else args.x
-        drf = _np(dres) if dres is not None else args.x
-        sg, sgx = args.backward(_np(grad_y), mf, rf, scf, shf, bool(training and need_dx),
+        drf = _np(dres) if need_dres and dres is not None else args.x
+        sg, sgx = args.backward(dyf, mf, rf, scf, shf, bool(training and need_dx),
                                 need_sums, need_dx, need_dres, dxf, drf)
         dweight = _to(sgx, weight.dtype) if need_dweight and weight is not None else None
         dbias = _to(sg, bias.dtype) if need_dbias and bias is not None else None

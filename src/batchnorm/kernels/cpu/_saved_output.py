@@ -76,41 +76,76 @@ def _du(yv, dyv, code, a, inv_a, z, one, arr):
 
 
 @_inline
+def _du_pl(yv, dyv, a, inv_a, z):
+    """:func:`_du` of the piecewise-linear activations (leaky ReLU; identity with
+    ``a = inv_a = 1``): no switch, so the loops that call it vectorise."""
+    if yv > z:
+        return dyv, yv
+    return dyv * a, yv * inv_a
+
+
+@_inline
 def _run_sums(dy, y, r, has_res, base, L, code, a, inv_a, sh, z, one):
     """``(Σg, Σg·u)`` over ``[base, base + L)`` in the array dtype."""
     # slice views and range(L): LLVM vectorises these loops (see _segments)
+    pl = code == LEAKY or code == NONE  # noqa: SIM109 (kept plain for Numba)
+    a_pl = a if code == LEAKY else one
+    inv_a_pl = inv_a if code == LEAKY else one
     ys = y[base:base + L]
     ds = dy[base:base + L]
     rs = r[base:base + L]
     sg = z
     sgu = z
-    for j in range(L):
-        g, p = _du(ys[j], ds[j], code, a, inv_a, z, one, y)
-        u = p - sh
-        if has_res:
-            u -= rs[j]
-        sg += g
-        sgu += g * u
+    if pl:
+        for j in range(L):
+            g, p = _du_pl(ys[j], ds[j], a_pl, inv_a_pl, z)
+            u = p - sh
+            if has_res:
+                u -= rs[j]
+            sg += g
+            sgu += g * u
+    else:
+        for j in range(L):
+            g, p = _du(ys[j], ds[j], code, a, inv_a, z, one, y)
+            u = p - sh
+            if has_res:
+                u -= rs[j]
+            sg += g
+            sgu += g * u
     return sg, sgu
 
 
 @_inline
 def _run_dx(dy, y, r, has_res, dx, dres, base, L, code, a, inv_a, sh, c1, c2, c3, need_dx,
             need_dres, z, one):
+    pl = code == LEAKY or code == NONE  # noqa: SIM109 (kept plain for Numba)
+    a_pl = a if code == LEAKY else one
+    inv_a_pl = inv_a if code == LEAKY else one
     ys = y[base:base + L]
     ds = dy[base:base + L]
     rs = r[base:base + L]
     xs = dx[base:base + L]
     es = dres[base:base + L]
-    for j in range(L):
-        g, p = _du(ys[j], ds[j], code, a, inv_a, z, one, y)
-        if need_dx:
-            u = p - sh
-            if has_res:
-                u -= rs[j]
-            xs[j] = c1 * g - c2 - c3 * u
-        if need_dres:
-            es[j] = g
+    if pl:
+        for j in range(L):
+            g, p = _du_pl(ys[j], ds[j], a_pl, inv_a_pl, z)
+            if need_dx:
+                u = p - sh
+                if has_res:
+                    u -= rs[j]
+                xs[j] = c1 * g - c2 - c3 * u
+            if need_dres:
+                es[j] = g
+    else:
+        for j in range(L):
+            g, p = _du(ys[j], ds[j], code, a, inv_a, z, one, y)
+            if need_dx:
+                u = p - sh
+                if has_res:
+                    u -= rs[j]
+                xs[j] = c1 * g - c2 - c3 * u
+            if need_dres:
+                es[j] = g
 
 
 @njit(inline="always")
@@ -222,6 +257,9 @@ def nhwc_backward_from_output(dy, y, r, has_res, M, C, P, w, sh, rstd, code, a, 
     one = y.dtype.type(1.0)
     av = y.dtype.type(a)
     inv_a = y.dtype.type(1.0 / a) if a != 0.0 else z
+    pl = code == LEAKY or code == NONE  # noqa: SIM109 (kept plain for Numba)
+    av_pl = av if code == LEAKY else one
+    inv_a_pl = inv_a if code == LEAKY else one
     n = float(M)
     for p in prange(P):
         acc1 = np.zeros(C, dtype=y.dtype)
@@ -235,13 +273,22 @@ def nhwc_backward_from_output(dy, y, r, has_res, M, C, P, w, sh, rstd, code, a, 
             ys = y[m * C:(m + 1) * C]
             ds = dy[m * C:(m + 1) * C]
             rs = r[m * C:(m + 1) * C]
-            for c in range(C):
-                g, q = _du(ys[c], ds[c], code, av, inv_a, z, one, y)
-                u = q - sh[c]
-                if has_res:
-                    u -= rs[c]
-                acc1[c] += g
-                acc2[c] += g * u
+            if pl:
+                for c in range(C):
+                    g, q = _du_pl(ys[c], ds[c], av_pl, inv_a_pl, z)
+                    u = q - sh[c]
+                    if has_res:
+                        u -= rs[c]
+                    acc1[c] += g
+                    acc2[c] += g * u
+            else:
+                for c in range(C):
+                    g, q = _du(ys[c], ds[c], code, av, inv_a, z, one, y)
+                    u = q - sh[c]
+                    if has_res:
+                        u -= rs[c]
+                    acc1[c] += g
+                    acc2[c] += g * u
             k += 1
             if k == 256:  # flush the accumulation-dtype run into float64
                 for c in range(C):
@@ -274,15 +321,26 @@ def nhwc_backward_from_output(dy, y, r, has_res, M, C, P, w, sh, rstd, code, a, 
                 rs = r[m * C:(m + 1) * C]
                 xs = dx[m * C:(m + 1) * C]
                 es = dres[m * C:(m + 1) * C]
-                for c in range(C):
-                    g, q = _du(ys[c], ds[c], code, av, inv_a, z, one, y)
-                    if need_dx:
-                        u = q - sh[c]
-                        if has_res:
-                            u -= rs[c]
-                        xs[c] = c1[c] * g - c2[c] - c3[c] * u
-                    if need_dres:
-                        es[c] = g
+                if pl:
+                    for c in range(C):
+                        g, q = _du_pl(ys[c], ds[c], av_pl, inv_a_pl, z)
+                        if need_dx:
+                            u = q - sh[c]
+                            if has_res:
+                                u -= rs[c]
+                            xs[c] = c1[c] * g - c2[c] - c3[c] * u
+                        if need_dres:
+                            es[c] = g
+                else:
+                    for c in range(C):
+                        g, q = _du(ys[c], ds[c], code, av, inv_a, z, one, y)
+                        if need_dx:
+                            u = q - sh[c]
+                            if has_res:
+                                u -= rs[c]
+                            xs[c] = c1[c] * g - c2[c] - c3[c] * u
+                        if need_dres:
+                            es[c] = g
 
 
 def backward_from_output(
