@@ -224,3 +224,20 @@ def test_other_libraries_classes_parse_by_qualified_name():
     assert A.parse_activation(fake("Tanh")) == ("tanh", 0.0)
     with pytest.raises(ValueError, match="module must be one of"):
         A.parse_activation(fake("PReLU"))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=_id)
+def test_cpu_layer_fuses_only_what_the_backend_fuses_fast(monkeypatch, spec):
+    """On the cpu backend an activation whose fused kernels are slower than PyTorch's own op
+    (``fuses_fast``) runs as our layer followed by that op: the output's autograd node is
+    PyTorch's activation, not ours; a fast one stays inside our node."""
+    pytest.importorskip("numba")
+    monkeypatch.setenv("BATCHNORM_BACKEND", "cpu")
+    from batchnorm.kernels import get_backend
+
+    cpu = get_backend("cpu")
+    assert cpu is not None
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    y = batchnorm.BatchNorm2d(3, activation=spec)(x)
+    ours = "EagerForwardCtx" in type(y.grad_fn).__name__
+    assert ours == cpu.fuses_fast(A.parse_activation(spec)[0])

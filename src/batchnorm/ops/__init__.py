@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..activations import act_forward
 from ..kernels import select
 from ..kernels.base import RunningUpdate
 from ..layout import canonicalize
@@ -24,6 +25,8 @@ from .eager import EagerForward, EagerForwardCtx
 from .library import backends_loaded, forward_op, run_forward
 
 __all__ = ["forward"]
+
+_INLINE_ACTS = ("none", "relu")  # fused by every backend (no backend lookup for them)
 
 
 def forward(
@@ -45,6 +48,12 @@ def forward(
         return forward_op(*args)  # type: ignore[no-any-return]  # one opaque node
     if forward_ad.active():
         return forward_ad.forward(*args)  # dual tensors
+    if act not in _INLINE_ACTS and x.is_cpu and not select(canonicalize(x)[0]).fuses_fast(act):
+        # an activation this backend computes slower than PyTorch's own op after our layer
+        # (docs/decisions.md, "Activations in the CPU kernels"): the layer, then that op
+        y, mean, rstd, var = forward(x, weight, bias, residual, running_mean, running_var,
+                                     training, eps, "none", 0.0, running)
+        return act_forward(y, act, slope), mean, rstd, var
     if torch._C._are_functorch_transforms_active():
         return EagerForward.apply(*args)  # type: ignore[no-any-return]  # vmap, grad, jvp…
     if not torch.is_grad_enabled() or not any(
