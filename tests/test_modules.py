@@ -204,3 +204,21 @@ def test_no_warning_on_ordinary_use():
         m(torch.randn(4, 3, 2, 2))
         m.eval()
         m(torch.randn(4, 3, 2, 2))
+
+
+def test_parametrized_weight_is_read_through_its_parametrization():
+    """The forward reads parameters from their dict for speed; a parametrized weight (no
+    longer in that dict) must still be read as the attribute, not taken as missing."""
+    from torch.nn.utils import parametrize
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    ours = batchnorm.BatchNorm2d(3)
+    parametrize.register_parametrization(ours, "weight", Double())
+    theirs = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        theirs.weight.fill_(2.0)
+    x = torch.randn(4, 3, 2, 2)
+    torch.testing.assert_close(ours(x), theirs(x))

@@ -170,15 +170,22 @@ class _BatchNormBase(_BatchNorm):
         if traced is not None:
             return traced  # type: ignore[no-any-return]
         self._check_input_dim(input)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        # parameters and buffers read from their dicts: Module.__getattr__ costs ~0.4 µs a name
+        # (docs/decisions.md, "Host-side micro-costs")
+        # (a name missing from its dict, e.g. a parametrized weight, is read as an attribute;
+        # not dict.get(name, default): the default would be computed on every call)
+        buffers, params = self._buffers, self._parameters
+        rm = buffers["running_mean"] if "running_mean" in buffers else self.running_mean  # noqa: SIM401
+        rv = buffers["running_var"] if "running_var" in buffers else self.running_var  # noqa: SIM401
+        use_batch_stats = self.training or (rm is None and rv is None)
         track = self.training and self.track_running_stats
         pass_buffers = not self.training or self.track_running_stats
         y = batch_norm_impl(
             input,
-            self.running_mean if pass_buffers else None,
-            self.running_var if pass_buffers else None,
-            self.weight,
-            self.bias,
+            rm if pass_buffers else None,
+            rv if pass_buffers else None,
+            params["weight"] if "weight" in params else self.weight,  # noqa: SIM401
+            params["bias"] if "bias" in params else self.bias,  # noqa: SIM401
             use_batch_stats,
             self.momentum,
             self.eps,
