@@ -461,3 +461,22 @@ def test_bench_gpu_host_parts(tmp_path):
     import json
 
     assert json.loads(out.read_text())["x"] is None
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("layout", ["first", "last"])
+@pytest.mark.parametrize("act", ["leaky_relu", "none"])
+def test_forward_train_into_writes_the_input_itself(strategy, layout, act):
+    """``inplace=True``'s forward: the output lands in ``x``'s own storage (no copy of a second
+    buffer) and equals the reference's ``act((x - mean)·scale + β)``; the statistics are the
+    forward's."""
+    be = STRATEGIES[strategy]
+    x = _canonical(layout, 4, 3, 20, torch.float32)
+    w, b = _params(3, torch.float32)
+    want_y, want_mean, want_rstd, _ = REF.forward_train(x, w, b, None, 1e-5, act, SLOPE)
+    ptr = x.data_ptr()
+    mean, rstd, _var = be.forward_train_into(x, w, b, None, 1e-5, act, SLOPE)
+    assert x.data_ptr() == ptr
+    torch.testing.assert_close(x, want_y, **OUT_TOL[torch.float32])
+    torch.testing.assert_close(mean, want_mean, **STAT_TOL)
+    torch.testing.assert_close(rstd, want_rstd, **STAT_TOL)

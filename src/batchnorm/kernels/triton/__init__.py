@@ -192,12 +192,22 @@ class TritonBackend(Backend):
     def apply(self, x, mean, scale, shift, residual, act, slope):
         return self._apply(x, mean, scale.contiguous(), None, None, shift, residual, act, slope)
 
+    def forward_train_into(self, x, weight, bias, residual, eps, act, slope):
+        # the statistics first (a read-only pass), then the apply kernel writing into x: no
+        # second buffer of x's size (the base class computes y and copies it)
+        mean, var, rstd = S.finalize(self.stats(x), eps)
+        scale = S.scale_of(rstd, weight)
+        self._apply(x, mean, scale.contiguous(), None, None, bias, residual, act, slope, out=x)
+        return mean, rstd, var
+
     def _apply(self, x, mean, scale, rstd, weight, bias, residual, act, slope,
-               shifted: bool = False) -> Tensor:
+               shifted: bool = False, out: Tensor | None = None) -> Tensor:
         """y = act((x - mean)·scale + β + r); ``scale`` given, or γ·rstd computed in-kernel.
-        ``shifted``: ``mean`` is δ and ``x - mean`` is computed as ``(x - K) - δ``."""
+        ``shifted``: ``mean`` is δ and ``x - mean`` is computed as ``(x - K) - δ``. ``out``:
+        where ``y`` goes (``x`` itself for the in-place forward: each program loads its tile
+        before it stores it, and the tiles are disjoint)."""
         plan = self._split(x)
-        y = torch.empty_like(x)
+        y = torch.empty_like(x) if out is None else out
         self._launch(_apply_kernel)[plan.grid](
             x, mean.contiguous(), scale, _opt(rstd), _opt(weight), _opt(bias), _opt(residual),
             y, *plan.dims(), float(slope), HAS_SCALE=scale is not None,
