@@ -170,7 +170,7 @@ class _BatchNormBase(_BatchNorm):
         if traced is not None:
             return traced  # type: ignore[no-any-return]
         self._check_input_dim(input)
-        # parameters and buffers read from their dicts: Module.__getattr__ costs ~0.4 µs a name
+        # parameters and buffers read from their dicts, not through Module.__getattr__
         # (docs/decisions.md, "Host-side micro-costs")
         # (a name missing from its dict, e.g. a parametrized weight, is read as an attribute;
         # not dict.get(name, default): the default would be computed on every call)
