@@ -95,9 +95,10 @@ class Backend(ABC):
     @abstractmethod
     def apply(
         self, x: Tensor, mean: Tensor, scale: Tensor, shift: Tensor | None,
-        residual: Tensor | None, act: str, slope: float,
+        residual: Tensor | None, act: str, slope: float, out: Tensor | None = None,
     ) -> Tensor:
-        """``act((x - mean)·scale + shift + residual)`` in the dtype and canonical shape of x."""
+        """``act((x - mean)·scale + shift + residual)`` in the dtype and canonical shape of x,
+        written into ``out`` when given (which may be ``x`` itself) and returned."""
 
     @abstractmethod
     def backward_reduce(
@@ -211,8 +212,11 @@ class Backend(ABC):
         eps: float, act: str, slope: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """:meth:`forward_train` writing the output into ``x`` itself; returns ``(mean, rstd,
-        biased var)``. This default computes the output in a fresh buffer and copies it into
-        ``x``; a backend that can overwrite ``x`` directly overrides it."""
-        y, mean, rstd, var = self.forward_train(x, weight, bias, residual, eps, act, slope)
-        x.copy_(y)
+        biased var)``: the statistics first (a read-only pass), then :meth:`apply` with
+        ``out=x`` (a backend whose apply reads each element before it writes it creates no
+        second buffer of ``x``'s size). The output is ``act((x - mean)·scale + β [+ r])``, not
+        the centered form of :meth:`forward_train`: the two agree to rounding except when
+        ``|mean| ≫ std``, where this one cancels as the eval forward does."""
+        mean, var, rstd = S.finalize(self.stats(x), eps)
+        self.apply(x, mean, S.scale_of(rstd, weight), bias, residual, act, slope, out=x)
         return mean, rstd, var

@@ -50,9 +50,16 @@ class ReferenceBackend(Backend):
             pre = pre + residual.to(mean.dtype)
         return act_forward(pre, act, slope).to(x.dtype), mean, rstd, var
 
-    def apply(self, x, mean, scale, shift, residual, act, slope):
+    def apply(self, x, mean, scale, shift, residual, act, slope, out=None):
         pre = self._pre(x, mean, scale, shift, residual)
-        return act_forward(pre, act, slope).to(x.dtype)
+        y = act_forward(pre, act, slope).to(x.dtype)
+        return y if out is None else out.copy_(y)
+
+    def forward_train_into(self, x, weight, bias, residual, eps, act, slope):
+        # the oracle keeps its centered forward: computed in a fresh buffer, then copied
+        y, mean, rstd, var = self.forward_train(x, weight, bias, residual, eps, act, slope)
+        x.copy_(y)
+        return mean, rstd, var
 
     def _g(self, grad_y, x, mean, scale, shift, residual, act, slope) -> Tensor:
         g = grad_y.to(mean.dtype)

@@ -25,8 +25,8 @@ and dtype, is in ``docs/saved_output.md``.
 returned (``mark_dirty``): autograd's version counter then refuses any backward that still
 needs the old input, and refuses a leaf that requires grad, with its own error. In training on
 an input whose canonical view is its own storage, the backend writes there directly
-(:meth:`~batchnorm.kernels.base.Backend.forward_train_into`: the Numba backend creates no
-second tensor of the input's size); otherwise (the default of other backends, eval mode, an
+(:meth:`~batchnorm.kernels.base.Backend.forward_train_into`: the Numba and Triton backends
+create no second tensor of the input's size); otherwise (the reference backend, eval mode, an
 input that canonicalization copies) the output is computed in a fresh buffer, copied into the
 input and released at once.
 

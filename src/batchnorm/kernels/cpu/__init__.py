@@ -336,9 +336,10 @@ class CpuBackend(Backend):
         acc = S.accumulation_dtype(x.dtype)
         return S.Partials(merged.n.to(acc), merged.mean.to(acc), merged.m2.to(acc))
 
-    def apply(self, x, mean, scale, shift, residual, act, slope):
+    def apply(self, x, mean, scale, shift, residual, act, slope, out=None):
+        # out may be x: the apply kernels read each element before they write it
         args = _Args(x, residual, act, slope)
-        y = torch.empty_like(x)
+        y = torch.empty_like(x) if out is None else out
         args.apply(_np(y), args.vec(mean), args.vec(scale), args.vec(shift))
         return y
 
@@ -446,10 +447,6 @@ class CpuBackend(Backend):
         from ._saved_output import backward_from_output
         return backward_from_output(grad_y, y, weight, bias, residual, rstd, training, act,
                                     slope, need_dx, need_dweight, need_dbias, need_dres)
-
-    def forward_train_into(self, x, weight, bias, residual, eps, act, slope):
-        from ._saved_output import forward_train_into
-        return forward_train_into(self, x, weight, bias, residual, eps, act, slope)
 
 
 def _to(a: np.ndarray, dtype: torch.dtype) -> Tensor:

@@ -35,12 +35,10 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from ... import stats as S
 from ...activations import CODES
 from . import (
     SERIAL_ELEMENTS,
     SERIAL_ELEMENTS_LAST,
-    _Args,
     _np,
     _threads,
     nchw_chunks,
@@ -48,8 +46,6 @@ from . import (
 )
 from ._jit import _njit_inline as _inline
 from ._jit import _parallel
-from ._nchw import nchw_apply
-from ._nhwc import nhwc_apply
 
 NONE, LEAKY, ELU, SIGMOID, TANH = (CODES[k] for k in ("none", "leaky_relu", "elu", "sigmoid",
                                                       "tanh"))
@@ -384,26 +380,3 @@ def backward_from_output(
         else None
     db = torch.from_numpy(sg).to(bias.dtype) if need_dbias and bias is not None else None
     return dx, dw, db, dres
-
-
-def forward_train_into(
-    backend, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-    eps: float, act: str, slope: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The training forward of ``inplace=True``, written into ``x`` with no second buffer:
-    the statistics first (``backend.stats``: partials, merged and finalized by
-    :mod:`batchnorm.stats`), then the elementwise apply kernel with ``y`` = ``x``. Each element
-    is read before it is overwritten, in the same iteration, so the aliasing is safe. The
-    output is ``act((x - mean)·scale + β [+ r])`` (not the centered form of the fused forward:
-    when ``|mean| ≫ std`` it cancels as the eval forward does)."""
-    mean, var, rstd = S.finalize(backend.stats(x), eps)
-    scale = S.scale_of(rstd, weight)
-    args = _Args(x, residual, act, slope)
-    mf, sc, sh = args.vec(mean), args.vec(scale), args.vec(bias)
-    if args.first:
-        nchw_apply(args.x, args.x, args.r, args.has_res, args.n, args.c, args.s, args.p, mf,
-                     sc, sh, args.code, args.slope)
-    else:
-        nhwc_apply(args.x, args.x, args.r, args.has_res, args.m, args.c, args.p, mf, sc, sh,
-                     args.code, args.slope)
-    return mean, rstd, var

@@ -189,16 +189,9 @@ class TritonBackend(Backend):
         plan = self._persistent(x) or self._split(x)
         return S.merge_many(S.Partials(*self._partials(x, plan, False)))
 
-    def apply(self, x, mean, scale, shift, residual, act, slope):
-        return self._apply(x, mean, scale.contiguous(), None, None, shift, residual, act, slope)
-
-    def forward_train_into(self, x, weight, bias, residual, eps, act, slope):
-        # the statistics first (a read-only pass), then the apply kernel writing into x: no
-        # second buffer of x's size (the base class computes y and copies it)
-        mean, var, rstd = S.finalize(self.stats(x), eps)
-        scale = S.scale_of(rstd, weight)
-        self._apply(x, mean, scale.contiguous(), None, None, bias, residual, act, slope, out=x)
-        return mean, rstd, var
+    def apply(self, x, mean, scale, shift, residual, act, slope, out=None):
+        return self._apply(x, mean, scale.contiguous(), None, None, shift, residual, act, slope,
+                           out=out)
 
     def _apply(self, x, mean, scale, rstd, weight, bias, residual, act, slope,
                shifted: bool = False, out: Tensor | None = None) -> Tensor:
