@@ -231,7 +231,7 @@ def test_cpu_layer_fuses_only_what_the_backend_fuses_fast(monkeypatch, spec):
     """On the cpu backend an activation whose fused kernels are slower than PyTorch's own op
     (``fuses_fast``) runs as our layer followed by that op: the output's autograd node is
     PyTorch's activation, not ours; a fast one stays inside our node."""
-    pytest.importorskip("numba")
+    pytest.importorskip("numba", reason="the cpu backend is written in Numba")
     monkeypatch.setenv("BATCHNORM_BACKEND", "cpu")
     from batchnorm.kernels import get_backend
 
