@@ -4,6 +4,8 @@ after ``fuse`` (and, with ``--compile``, ``torch.compile`` of PyTorch's model).
     python benchmarks/models.py                      # writes benchmarks/results/models.json
     python benchmarks/models.py --models resnet18 --layouts nhwc --rounds 5 --out /tmp/m.json
     python benchmarks/models.py --compile            # adds torch.compile (slow to compile)
+    THP_MEM_ALLOC_ENABLE=1 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 \
+        python benchmarks/models.py --out benchmarks/results/models_alloc.json
 
 Models are torchvision's ResNet-18, ResNet-50, MobileNetV3-Small and EfficientNet-B0
 (``num_classes=10``, random weights), float32, built once per layout and copied for each variant
@@ -15,6 +17,11 @@ Also per variant, from separate measurements outside the timed rounds:
 
 - ``saved_MiB``: the bytes autograd saves for backward in one forward (unique storages, through
   ``torch.autograd.graph.saved_tensors_hooks``), a proxy for activation memory;
+- ``faults``: the median of the page faults (``ru_minflt``) per timed step: glibc's defaults
+  return freed blocks to the OS and the next step faults them in again, at random, for either
+  variant; run with the allocator setting of ``docs/performance.md`` (``MALLOC_*``,
+  ``THP_MEM_ALLOC_ENABLE``) to compare compute rather than page faults (the JSON records the
+  setting);
 - ``other_ms``: the step's median time minus ``fixed_ms``, the self CPU time (from a profile of
   one step) of the convolutions, linear layers, loss and optimizer: what batch norm,
   activations, adds, copies and the rest of the step cost. The issue's target for ``fuse`` is
@@ -29,6 +36,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -57,6 +65,10 @@ EXTRA_VARIANTS = ("fuse_output",)
 _NOT_OURS = ("conv", "mkldnn", "addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm",
              "Optimizer", "sgd", "_foreach", "aten::t", "cross_entropy", "nll_loss",
              "log_softmax")
+
+
+# the allocator setting of docs/performance.md, recorded with the results
+_ALLOCATOR_ENV = ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
 def build(name: str, variant: str, base: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -133,11 +145,14 @@ def run_model(name: str, layout: str, args: argparse.Namespace) -> list[dict]:
         s()
         s()
     times: dict[str, list[float]] = {v: [] for v in steps}
+    faults: dict[str, list[int]] = {v: [] for v in steps}
     for _ in range(args.rounds):
         for v, s in steps.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             s()
             times[v].append(time.perf_counter() - t0)
+            faults[v].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     rows = []
     ref = statistics.median(times["torch"])
     for v, ts in times.items():
@@ -145,11 +160,13 @@ def run_model(name: str, layout: str, args: argparse.Namespace) -> list[dict]:
         fixed = fixed_time_ms(steps[v]) if v != "compile" else math.nan
         row = {"model": name, "layout": layout, "variant": v, "median_ms": 1e3 * med,
                "min_ms": 1e3 * min(ts), "speedup_vs_torch": ref / med,
+               "faults": statistics.median(faults[v]),
                "saved_MiB": saved_bytes(models[v], x, target) / 2**20,
                "fixed_ms": fixed, "other_ms": 1e3 * med - fixed}
         rows.append(row)
         print(f"{name:>20} {layout:>4} {v:>8} {row['median_ms']:9.1f} ms (min "
-              f"{row['min_ms']:8.1f})  x torch {row['speedup_vs_torch']:5.2f}  saved "
+              f"{row['min_ms']:8.1f})  x torch {row['speedup_vs_torch']:5.2f}  faults "
+              f"{row['faults']:7.0f}  saved "
               f"{row['saved_MiB']:7.1f} MiB  other {row['other_ms']:8.1f} ms", flush=True)
     return rows
 
@@ -204,7 +221,9 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "torchvision": torchvision().__version__,
-                    "torch_threads": torch.get_num_threads()},
+                    "torch_threads": torch.get_num_threads(),
+                    "allocator_env": {k: os.environ[k] for k in _ALLOCATOR_ENV
+                                      if k in os.environ}},
         "batch": args.batch, "size": args.size, "rounds": args.rounds, "dtype": "float32",
         "loadavg_after": os.getloadavg()[0], "summary": summary, "rows": rows,
     }

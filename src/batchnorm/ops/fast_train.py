@@ -1,0 +1,125 @@
+"""The common eager CPU training call of a layer, by the shortest path.
+
+Most calls of a batch-norm layer are the same one: a CPU float tensor, training with running
+statistics, a fused activation (or none), under plain eager autograd. For a small layer the
+Python between the module and the kernel costs more than the kernel, and in a model, where each
+large operation between two layers evicts that code from the caches, it costs more again
+(docs/decisions.md, "The layer's training call skips the general chain"). :func:`train`
+recognises that call with a few cheap reads and runs it in one frame: the backend's fused
+forward with the running-statistics blend folded in, and an autograd Function with one output
+(the statistics stay inside it). Anything else returns ``None`` and takes the general path
+(:func:`batchnorm.functional.batch_norm_impl`), which also raises every error: this path never
+raises for bad arguments, it declines them.
+
+The kernels, their arguments and the backward are those of the general path
+(:class:`~batchnorm.ops.eager.EagerForwardCtx`), so the numbers are the same bit for bit (a test
+compares the two).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+from ..kernels import select
+from ..kernels.base import RunningUpdate
+from ..layout import canonicalize
+from ..running import finish_folded, update_running_statistics, warn_skipped
+from ..stats import unbiased_var
+from . import forward_ad
+from .library import backward_formula, run_backward
+
+__all__ = ["train"]
+
+_INLINE_ACTS = ("none", "relu")  # fused by every backend
+_FLOATS = (torch.float32, torch.float64)
+
+
+class _Train(torch.autograd.Function):
+    """:class:`~batchnorm.ops.eager.EagerForwardCtx` with the output alone: the statistics are
+    saved for the backward and handed to the caller through ``rest[-1]`` (they never receive a
+    gradient, so they need not be outputs)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, rest):  # type: ignore[override]
+        backend, xc, lay, eps, act, slope, running, stats = rest
+        rc = None if residual is None else lay.canonical(residual)
+        y, mean, rstd, var = backend.forward_train(xc, weight, bias, rc, eps, act, slope,
+                                                   running)
+        ctx.save_for_backward(x, weight, bias, residual if act != "none" else None, mean, rstd)
+        ctx.training, ctx.eps, ctx.act, ctx.slope, ctx.backend = True, eps, act, slope, backend
+        ctx.set_materialize_grads(False)
+        stats.append(mean)
+        stats.append(var)
+        return lay.restore(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        if grad_y is None:
+            return (None,) * 5
+        grads = backward_formula(ctx, grad_y, None, None, None,
+                                 single_pass=functools.partial(run_backward, ctx.backend))
+        return (*grads[:4], None)
+
+
+def _channel_ok(t: Tensor | None, c: int, dtype: torch.dtype) -> bool:
+    return t is None or (type(t) is torch.nn.Parameter or type(t) is Tensor) and t.is_cpu \
+        and t.dtype is dtype and t.dim() == 1 and t.shape[0] == c
+
+
+def train(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
+    num_batches_skipped: Tensor | None, momentum: object, eps: object, act: str, slope: float,
+    layer_name: str | None,
+) -> Tensor | None:
+    """A layer's training call with running statistics (``momentum`` a float), or ``None``
+    where it is not the common case (then nothing has changed and the caller takes the general
+    path)."""
+    if type(x) is not Tensor or not x.is_cpu or type(momentum) is not float \
+            or type(eps) is not float or not eps > 0.0 or not math.isfinite(momentum):
+        return None
+    dtype = x.dtype
+    if dtype not in _FLOATS or not torch.is_grad_enabled() \
+            or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling() \
+            or forward_ad.active() or torch.jit.is_tracing():
+        return None
+    c = x.shape[1]
+    count = x.numel() // c if c else 0
+    if count <= 1 or not (_channel_ok(weight, c, dtype) and _channel_ok(bias, c, dtype)
+                          and _channel_ok(running_mean, c, dtype)
+                          and _channel_ok(running_var, c, dtype)) \
+            or running_mean.is_inference() or running_var.is_inference():
+        return None
+    if residual is not None and (type(residual) is not Tensor or residual.dtype is not dtype
+                                 or not residual.is_cpu or residual.shape != x.shape):
+        return None
+    if not (x.requires_grad or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+            or (residual is not None and residual.requires_grad)):
+        return None  # no autograd node to make: the general path's node-free call
+    xc, lay = canonicalize(x)
+    backend = select(xc)
+    if act not in _INLINE_ACTS and not backend.fuses_fast(act):
+        return None
+    tracked = num_batches_tracked
+    running = RunningUpdate(
+        (running_mean.detach() if running_mean.requires_grad else running_mean).numpy(),
+        (running_var.detach() if running_var.requires_grad else running_var).numpy(),
+        momentum, count)
+    stats: list[Tensor] = []
+    y = _Train.apply(x, weight, bias, residual,
+                     (backend, xc, lay, eps, act, slope, running, stats))
+    ok = finish_folded(running, running_mean, running_var, tracked, num_batches_skipped)
+    if ok is None:  # the backend did not fold the update: it runs on its own
+        update_running_statistics(running_mean, running_var, stats[0],
+                                  unbiased_var(stats[1], count), momentum, count=count,
+                                  num_batches_tracked=tracked,
+                                  num_batches_skipped=num_batches_skipped,
+                                  layer_name=layer_name)
+    elif not ok:
+        warn_skipped(layer_name, num_batches_skipped)
+    return y  # type: ignore[no-any-return]

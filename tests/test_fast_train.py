@@ -1,0 +1,162 @@
+"""The layer's common training call (``batchnorm.ops.fast_train``) against the general path.
+
+The short path must give the same numbers bit for bit (output, every gradient, running
+statistics, counters), must be the path the common call takes, and must decline (leaving
+everything unchanged) whatever it does not handle, so that the general path runs and raises.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import batchnorm
+from batchnorm.functional import batch_norm_impl
+from batchnorm.nn import batchnorm as layer_module
+from batchnorm.ops import fast_train
+from batchnorm.running import NonFiniteBatchWarning
+
+CASES = [
+    (batchnorm.BatchNorm1d, (9, 5), None),
+    (batchnorm.BatchNorm1d, (4, 5, 7), None),
+    (batchnorm.BatchNorm2d, (4, 5, 6, 3), None),
+    (batchnorm.BatchNorm2d, (4, 5, 6, 3), torch.channels_last),
+    (batchnorm.BatchNorm3d, (2, 5, 3, 4, 2), torch.channels_last_3d),
+]
+
+
+def _general(layer, x, residual=None):
+    """What the layer's forward computes through the general chain."""
+    return batch_norm_impl(
+        x, layer.running_mean, layer.running_var, layer.weight, layer.bias, True,
+        layer.momentum, layer.eps, activation=layer.activation, residual=residual,
+        num_batches_tracked=layer.num_batches_tracked,
+        num_batches_skipped=layer.num_batches_skipped, layer_name=layer._name())
+
+
+def _count_fast(monkeypatch):
+    """Count the calls that the short path ran (not declined)."""
+    taken = []
+    real = layer_module.fast_train
+
+    def counting(*args, **kwargs):
+        y = real(*args, **kwargs)
+        taken.append(y is not None)
+        return y
+
+    monkeypatch.setattr(layer_module, "fast_train", counting)
+    return taken
+
+
+@pytest.mark.parametrize("cls,shape,fmt", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("activation", [None, "relu", ("leaky_relu", 0.2), "hardswish"])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_same_numbers_as_the_general_path(cpu_backend, monkeypatch, cls, shape, fmt, dtype,
+                                          activation, with_residual):
+    taken = _count_fast(monkeypatch)
+    fast = cls(shape[1], dtype=dtype, activation=activation)
+    with torch.no_grad():
+        fast.weight.uniform_(0.5, 1.5)
+        fast.bias.uniform_(-1, 1)
+    slow = cls(shape[1], dtype=dtype, activation=activation)
+    slow.load_state_dict(fast.state_dict())
+    for step in range(3):
+        x0 = torch.randn(shape, dtype=dtype) * (step + 2) + 3 * step
+        if fmt is not None:
+            x0 = x0.to(memory_format=fmt)
+        r0 = torch.randn(shape, dtype=dtype) if with_residual else None
+        xs = [x0.clone().requires_grad_() for _ in range(2)]
+        rs = [None if r0 is None else r0.clone().requires_grad_() for _ in range(2)]
+        y_fast = fast(xs[0], rs[0])
+        y_slow = _general(slow, xs[1], rs[1])
+        assert torch.equal(y_fast, y_slow)
+        assert y_fast.stride() == y_slow.stride()
+        g = torch.randn(shape, dtype=dtype)
+        y_fast.backward(g)
+        y_slow.backward(g)
+        assert torch.equal(xs[0].grad, xs[1].grad)
+        assert torch.equal(fast.weight.grad, slow.weight.grad)
+        assert torch.equal(fast.bias.grad, slow.bias.grad)
+        if with_residual:
+            assert torch.equal(rs[0].grad, rs[1].grad)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    # the common call took the short path (the reference backend folds nothing: its update
+    # runs on its own, still on the short path)
+    assert taken == [True] * 3
+
+
+def test_double_backward_matches_the_general_path(cpu_backend):
+    fast = batchnorm.BatchNorm2d(3, dtype=torch.float64, activation="relu")
+    slow = batchnorm.BatchNorm2d(3, dtype=torch.float64, activation="relu")
+    slow.load_state_dict(fast.state_dict())
+    x0 = torch.randn(4, 3, 2, 5, dtype=torch.float64)
+    grads = []
+    for run in (lambda x: fast(x), lambda x: _general(slow, x)):
+        x = x0.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(run(x).pow(2).sum(), x, create_graph=True)
+        (ggx,) = torch.autograd.grad(gx.sin().sum(), x)
+        grads.append((gx.detach(), ggx))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-12, atol=1e-12)
+
+
+def _declined(layer, x, **kw):
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    rm, rv = layer.running_mean, layer.running_var
+    y = fast_train.train(x, layer.weight, layer.bias, kw.get("residual"), rm, rv,
+                         layer.num_batches_tracked, layer.num_batches_skipped,
+                         kw.get("momentum", layer.momentum), kw.get("eps", layer.eps),
+                         kw.get("act", "none"), 0.0, "layer")
+    after = layer.state_dict()
+    unchanged = all(torch.equal(before[k], after[k]) for k in before)
+    return y is None and unchanged
+
+
+def test_declines_what_it_does_not_handle(cpu_backend):
+    layer = batchnorm.BatchNorm2d(3)
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    assert _declined(layer, x, momentum=None)  # cumulative average
+    assert _declined(layer, x, momentum=float("nan"))
+    assert _declined(layer, x, eps=0.0)
+    assert _declined(layer, x, eps=1)  # not a float: the general path's checks
+    assert _declined(layer, torch.randn(1, 3, 1, 1, requires_grad=True))  # one value per channel
+    assert _declined(layer, torch.randn(0, 3, 2, 2, requires_grad=True))  # empty
+    assert _declined(layer, x.double())  # parameters of another dtype: the general path's error
+    assert _declined(layer, torch.randn(4, 5, 2, 2, requires_grad=True))  # wrong channels
+    assert _declined(layer, x.bfloat16())
+    assert _declined(layer, x, residual=torch.randn(4, 3, 2, 1))
+    if cpu_backend == "cpu":  # SiLU is not fused by the Numba kernels: layer, then the op
+        assert _declined(layer, x, act="silu")
+    with torch.no_grad():
+        assert _declined(layer, x)
+    assert _declined(batchnorm.BatchNorm2d(3, affine=False), torch.randn(4, 3, 2, 2))  # no node
+
+
+def test_bad_input_still_gets_the_general_paths_errors(cpu_backend):
+    layer = batchnorm.BatchNorm2d(3)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer(torch.randn(1, 3, 1, 1, requires_grad=True))
+    layer.weight.data = torch.ones(4)
+    with pytest.raises(ValueError, match="weight"):
+        layer(torch.randn(4, 3, 2, 2, requires_grad=True))
+    assert layer.num_batches_tracked.item() == 0
+
+
+def test_non_finite_batch_is_skipped_and_reported(cpu_backend, monkeypatch):
+    taken = _count_fast(monkeypatch)
+    layer = batchnorm.BatchNorm2d(3)
+    layer(torch.randn(4, 3, 2, 2, requires_grad=True))
+    mean, var = layer.running_mean.clone(), layer.running_var.clone()
+    x = torch.randn(4, 3, 2, 2)
+    x[0, 1, 0, 0] = float("nan")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer(x.requires_grad_())
+    assert any(issubclass(w.category, NonFiniteBatchWarning) for w in caught)
+    assert torch.equal(layer.running_mean, mean) and torch.equal(layer.running_var, var)
+    assert layer.num_batches_tracked.item() == 1 and layer.skipped_updates == 1
+    assert taken == [True, True]
