@@ -185,7 +185,7 @@ class _BatchNormBase(_BatchNorm):
             act, slope = parse_activation(self.activation)
             y = fast_train(input, params["weight"], params["bias"], residual, rm, rv,
                            buffers.get("num_batches_tracked"), buffers.get("num_batches_skipped"),
-                           self.momentum, self.eps, act, slope, self._name())
+                           self.momentum, self.eps, act, slope, self._name)
             if y is not None:
                 return self._after(y) if self._unfused else y
         use_batch_stats = self.training or (rm is None and rv is None)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -74,11 +75,11 @@ def train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
     running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
     num_batches_skipped: Tensor | None, momentum: object, eps: object, act: str, slope: float,
-    layer_name: str | None,
+    layer_name: Callable[[], str],
 ) -> Tensor | None:
     """A layer's training call with running statistics (``momentum`` a float), or ``None``
     where it is not the common case (then nothing has changed and the caller takes the general
-    path)."""
+    path). ``layer_name`` gives the name warnings use (called only to warn)."""
     if type(x) is not Tensor or not x.is_cpu or type(momentum) is not float \
             or type(eps) is not float or not eps > 0.0 or not math.isfinite(momentum):
         return None
@@ -119,7 +120,7 @@ def train(
                                   unbiased_var(stats[1], count), momentum, count=count,
                                   num_batches_tracked=tracked,
                                   num_batches_skipped=num_batches_skipped,
-                                  layer_name=layer_name)
+                                  layer_name=layer_name())
     elif not ok:
-        warn_skipped(layer_name, num_batches_skipped)
+        warn_skipped(layer_name(), num_batches_skipped)
     return y  # type: ignore[no-any-return]
