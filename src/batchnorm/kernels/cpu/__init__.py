@@ -119,11 +119,12 @@ _TLS = threading.local()
 _MAX_THREADS = max(1, int(getattr(numba.config, "NUMBA_NUM_THREADS", 1)))
 # Below this many elements a call runs on one thread (see _threads). Channels-first with one
 # channel per item is one parallel region per call; channels-last is two (block partials, then
-# the output or dx), so the fork/joins outweigh the second core up to larger tensors
+# the output or dx), so the fork/joins outweigh the second core up to larger tensors in a loop;
+# inside a model's step, where the data comes from memory, the second core pays off sooner
 # (docs/decisions.md, "Threads: all of PyTorch's, one below 4096 elements
-# (`SERIAL_ELEMENTS`)").
+# (`SERIAL_ELEMENTS`)" and "Channels-last threads from 16384 elements").
 SERIAL_ELEMENTS = 1 << 12
-SERIAL_ELEMENTS_LAST = 1 << 16
+SERIAL_ELEMENTS_LAST = 1 << 14
 
 
 @functools.lru_cache(maxsize=256)
@@ -135,8 +136,9 @@ def nchw_chunks(c: int, ns: int, threads: int) -> int:
 
 
 #: channels-last tensors narrower than this many channels run their backward ``g`` rows at a
-#: time (:func:`super_rows`), from :data:`SERIAL_ELEMENTS_LAST` elements up
+#: time (:func:`super_rows`), from :data:`_SUPER_ROW_ELEMENTS` elements up
 _SUPER_ROW_WIDTH = 64
+_SUPER_ROW_ELEMENTS = 1 << 16
 
 
 @functools.lru_cache(maxsize=256)
@@ -144,7 +146,7 @@ def super_rows(m: int, c: int) -> int:
     """Rows per super-row for a channels-last ``(m, c)`` backward: the smallest ``g`` with
     ``g·c >= 64`` that divides ``m`` (and no more than twice that), or 1 (a function of the
     shape only, as the results are)."""
-    if c >= _SUPER_ROW_WIDTH or m * c < SERIAL_ELEMENTS_LAST:
+    if c >= _SUPER_ROW_WIDTH or m * c < _SUPER_ROW_ELEMENTS:
         return 1
     least = -(-_SUPER_ROW_WIDTH // c)
     return next((g for g in range(least, 2 * least + 1) if m % g == 0), 1)
