@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import batchnorm
+from batchnorm import functional
 from batchnorm.functional import batch_norm_impl
-from batchnorm.nn import batchnorm as layer_module
 from batchnorm.ops import fast_train
 from batchnorm.running import NonFiniteBatchWarning
 
@@ -28,25 +28,30 @@ CASES = [
 
 
 def _general(layer, x, residual=None):
-    """What the layer's forward computes through the general chain."""
-    return batch_norm_impl(
-        x, layer.running_mean, layer.running_var, layer.weight, layer.bias, True,
-        layer.momentum, layer.eps, activation=layer.activation, residual=residual,
-        num_batches_tracked=layer.num_batches_tracked,
-        num_batches_skipped=layer.num_batches_skipped, layer_name=layer._name())
+    """What the layer's forward computes through the general chain (the short path declining)."""
+    short = functional.fast_train
+    functional.fast_train = lambda *args: None
+    try:
+        return batch_norm_impl(
+            x, layer.running_mean, layer.running_var, layer.weight, layer.bias, True,
+            layer.momentum, layer.eps, activation=layer.activation, residual=residual,
+            num_batches_tracked=layer.num_batches_tracked,
+            num_batches_skipped=layer.num_batches_skipped, layer_name=layer._name())
+    finally:
+        functional.fast_train = short
 
 
 def _count_fast(monkeypatch):
     """Count the calls that the short path ran (not declined)."""
     taken = []
-    real = layer_module.fast_train
+    real = functional.fast_train
 
     def counting(*args, **kwargs):
         y = real(*args, **kwargs)
         taken.append(y is not None)
         return y
 
-    monkeypatch.setattr(layer_module, "fast_train", counting)
+    monkeypatch.setattr(functional, "fast_train", counting)
     return taken
 
 
@@ -87,6 +92,14 @@ def test_same_numbers_as_the_general_path(cpu_backend, monkeypatch, cls, shape, 
     # the common call took the short path (the reference backend folds nothing: its update
     # runs on its own, still on the short path)
     assert taken == [True] * 3
+
+
+def test_the_functional_api_takes_it_too(cpu_backend, monkeypatch):
+    taken = _count_fast(monkeypatch)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    w = torch.ones(3, requires_grad=True)
+    y = batchnorm.functional.batch_norm(torch.randn(4, 3, 5), rm, rv, w, None, training=True)
+    assert taken == [True] and y.requires_grad and not torch.equal(rm, torch.zeros(3))
 
 
 def test_double_backward_matches_the_general_path(cpu_backend):
@@ -160,3 +173,13 @@ def test_non_finite_batch_is_skipped_and_reported(cpu_backend, monkeypatch):
     assert torch.equal(layer.running_mean, mean) and torch.equal(layer.running_var, var)
     assert layer.num_batches_tracked.item() == 1 and layer.skipped_updates == 1
     assert taken == [True, True]
+
+
+def test_a_memory_mode_set_after_construction_takes_the_general_path(cpu_backend):
+    """``inplace``/``save`` changed on a built layer: the general path's mode check still runs
+    (the short path handles only ``save="input"`` without ``inplace``)."""
+    layer = batchnorm.BatchNorm2d(3)
+    layer.inplace = True
+    with pytest.raises(ValueError, match="inplace: True needs save='output'"):
+        layer(torch.randn(4, 3, 2, 2, requires_grad=True))
+    assert layer.num_batches_tracked.item() == 0

@@ -18,6 +18,7 @@ from . import stats as S
 from ._errors import BatchNormTypeError, BatchNormValueError, describe
 from .activations import ActivationSpec, parse_activation
 from .ops import saved_output as ops_saved_output
+from .ops.fast_train import train as fast_train
 from .running import (
     NonFiniteBatchWarning,
     finish_folded,
@@ -129,6 +130,15 @@ def batch_norm_impl(
     :mod:`batchnorm.ops.saved_output`.
     """
     act, slope = parse_activation(activation)
+    if training and save == "input" and inplace is False and running_mean is not None \
+            and running_var is not None:
+        # the common call by the shortest path (batchnorm.ops.fast_train); None: it declined
+        # (anything it does not handle, bad arguments included) and nothing has changed
+        y = fast_train(input, weight, bias, residual, running_mean, running_var,
+                       num_batches_tracked, num_batches_skipped, momentum, eps, act, slope,
+                       lambda: layer_name)
+        if y is not None:
+            return y
     if save != "input" or inplace is not False:
         ops_saved_output.check_mode(save, inplace, act, slope)
     check_arguments(input, running_mean, running_var, weight, bias, training, momentum, eps,

@@ -20,7 +20,6 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .._errors import BatchNormValueError, describe
 from ..activations import ActivationSpec, parse_activation, spec_of
 from ..functional import batch_norm_impl
-from ..ops.fast_train import train as fast_train
 from ..ops.saved_output import check_mode
 from ..running import NonFiniteBatchWarning
 
@@ -178,16 +177,6 @@ class _BatchNormBase(_BatchNorm):
         buffers, params = self._buffers, self._parameters
         rm = buffers["running_mean"] if "running_mean" in buffers else self.running_mean  # noqa: SIM401
         rv = buffers["running_var"] if "running_var" in buffers else self.running_var  # noqa: SIM401
-        if self.training and self.track_running_stats and rm is not None and rv is not None \
-                and self.save == "input" and "weight" in params and "bias" in params:
-            # the common call by the shortest path (batchnorm.ops.fast_train); None: the
-            # general path below, which also raises the errors
-            act, slope = parse_activation(self.activation)
-            y = fast_train(input, params["weight"], params["bias"], residual, rm, rv,
-                           buffers.get("num_batches_tracked"), buffers.get("num_batches_skipped"),
-                           self.momentum, self.eps, act, slope, self._name)
-            if y is not None:
-                return self._after(y) if self._unfused else y
         use_batch_stats = self.training or (rm is None and rv is None)
         track = self.training and self.track_running_stats
         pass_buffers = not self.training or self.track_running_stats

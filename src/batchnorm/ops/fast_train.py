@@ -4,7 +4,9 @@ Most calls of a batch-norm layer are the same one: a CPU float tensor, training 
 statistics, a fused activation (or none), under plain eager autograd. For a small layer the
 Python between the module and the kernel costs more than the kernel, and in a model, where each
 large operation between two layers evicts that code from the caches, it costs more again
-(docs/decisions.md, "The layer's training call skips the general chain"). :func:`train`
+(docs/decisions.md, "The layer's training call skips the general chain").
+:func:`batchnorm.functional.batch_norm_impl` (every layer's and the functional API's entry)
+tries it first. :func:`train`
 recognises that call with a few cheap reads and runs it in one frame: the backend's fused
 forward with the running-statistics blend folded in, and an autograd Function with one output
 (the statistics stay inside it). Anything else returns ``None`` and takes the general path
@@ -88,7 +90,7 @@ def train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
     running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
     num_batches_skipped: Tensor | None, momentum: object, eps: object, act: str, slope: float,
-    layer_name: Callable[[], str],
+    layer_name: Callable[[], str | None],
 ) -> Tensor | None:
     """A layer's training call with running statistics (``momentum`` a float), or ``None``
     where it is not the common case (then nothing has changed and the caller takes the general
