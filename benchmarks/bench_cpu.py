@@ -166,6 +166,13 @@ def overhead(rounds: int) -> list[dict]:
     return rows
 
 
+def allocator_env() -> dict[str, str]:
+    """The allocator setting of docs/performance.md that this process runs under (the
+    environment sets it; large fresh outputs fault in their pages without it)."""
+    return {k: os.environ[k] for k in ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_",
+                                       "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
+
+
 def geomean(v: list[float]) -> float:
     return math.exp(sum(math.log(a) for a in v) / len(v)) if v else float("nan")
 
@@ -192,7 +199,8 @@ def main() -> None:
         opath.write_text(json.dumps({
             "command": "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:]),
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                        "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+                        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                        "allocator_env": allocator_env()},
             "backend": select(torch.randn(2, 4, 3)).name, "rounds": args.rounds,
             "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0],
             "waited_s": waited, "rows": orows}, indent=1))
@@ -267,7 +275,7 @@ def main() -> None:
         "command": "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:]),
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpu_count": os.cpu_count(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads()},
+                    "torch_threads": torch.get_num_threads(), "allocator_env": allocator_env()},
         "backend": backend, "dtype": "float32", "training": True, "rounds": rounds,
         "loadavg_before": load_before, "loadavg_after": load_after, "waited_s": waited,
         "alloc_env": {k: v for k, v in os.environ.items()
