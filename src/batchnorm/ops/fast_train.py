@@ -68,17 +68,11 @@ class _Train(torch.autograd.Function):
             grads = backward_formula(ctx, grad_y, None, None, None,
                                      single_pass=functools.partial(run_backward, ctx.backend))
             return (*grads[:4], None)
-        # run_backward's single pass, with the forward's layout and backend
         x, weight, bias, residual, mean, rstd = ctx.saved_tensors
         need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
-        lay = ctx.lay
-        dx, dw, db, dr = ctx.backend.backward(
-            lay.canonical(grad_y), lay.canonical(x), weight, bias,
-            None if residual is None else lay.canonical(residual), mean, rstd, True, ctx.act,
-            ctx.slope, need_dx, need_dw and weight is not None, need_db and bias is not None,
-            need_dr)
-        return (None if dx is None else lay.restore(dx), dw, db,
-                None if dr is None else lay.restore(dr), None)
+        grads = run_backward(ctx.backend, grad_y, x, weight, bias, residual, mean, rstd, True,
+                             ctx.act, ctx.slope, need_dx, need_dw, need_db, need_dr, lay=ctx.lay)
+        return (*grads, None)
 
 
 def _channel_ok(t: Tensor | None, c: int, dtype: torch.dtype) -> bool:
