@@ -36,7 +36,7 @@ from numba import njit, prange
 from torch import Tensor
 
 from ...activations import CODES
-from . import (
+from ._host import (
     SERIAL_ELEMENTS,
     SERIAL_ELEMENTS_LAST,
     _np,
