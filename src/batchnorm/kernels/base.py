@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from torch import Tensor
@@ -142,6 +143,35 @@ class Backend(ABC):
         scale = S.scale_of(rstd, weight)
         shift = None if bias is None else bias.to(mean.dtype)
         return self.apply(x, mean, scale, shift, residual, act, slope), mean, rstd, var
+
+    # -- the short path's training call (batchnorm.ops.fast_train) -----------------------------
+    def train_forward(
+        self, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+        eps: float, act: str, slope: float, running: RunningUpdate | None = None,
+    ) -> tuple[Tensor, Any]:
+        """:meth:`forward_train` as ``(y, saved)``: ``saved`` holds the batch statistics in the
+        backend's own form until :meth:`train_backward` (and :meth:`train_stats`) read them, so
+        a call whose statistics are never outputs makes no tensors of them. This default keeps
+        the tensors ``(mean, rstd, biased var)``."""
+        y, mean, rstd, var = self.forward_train(x, weight, bias, residual, eps, act, slope,
+                                                running)
+        return y, (mean, rstd, var)
+
+    def train_stats(self, saved: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """``(mean, rstd, biased var)`` of a :meth:`train_forward`, as separate tensors in the
+        accumulation dtype."""
+        return saved  # type: ignore[no-any-return]
+
+    def train_backward(
+        self, saved: Any, grad_y: Tensor, x: Tensor, weight: Tensor | None,
+        bias: Tensor | None, residual: Tensor | None, act: str, slope: float, need_dx: bool,
+        need_dweight: bool, need_dbias: bool, need_dres: bool,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """:meth:`backward` (training) of a :meth:`train_forward` on the same canonical
+        tensors, from its ``saved`` statistics."""
+        mean, rstd, _var = self.train_stats(saved)
+        return self.backward(grad_y, x, weight, bias, residual, mean, rstd, True, act, slope,
+                             need_dx, need_dweight, need_dbias, need_dres)
 
     def forward_eval(
         self, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,

@@ -20,7 +20,6 @@ compares the two).
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -33,7 +32,7 @@ from ..layout import canonicalize
 from ..running import finish_folded, update_running_statistics, warn_skipped
 from ..stats import unbiased_var
 from . import forward_ad
-from .library import backward_formula, run_backward
+from .library import differentiable_backward
 
 __all__ = ["train"]
 
@@ -42,37 +41,41 @@ _FLOATS = (torch.float32, torch.float64)
 
 
 class _Train(torch.autograd.Function):
-    """:class:`~batchnorm.ops.eager.EagerForwardCtx` with the output alone: the statistics are
-    saved for the backward and handed to the caller through ``rest[-1]`` (they never receive a
-    gradient, so they need not be outputs)."""
+    """:class:`~batchnorm.ops.eager.EagerForwardCtx` with the output alone: the statistics
+    stay in the backend's own form (:meth:`~batchnorm.kernels.base.Backend.train_forward`)
+    between the forward and the backward, and reach the caller through ``rest[-1]`` (they never
+    receive a gradient, so they need not be outputs)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, rest):  # type: ignore[override]
-        backend, xc, lay, eps, act, slope, running, stats = rest
+        backend, xc, lay, eps, act, slope, running, out = rest
         rc = None if residual is None else lay.canonical(residual)
-        y, mean, rstd, var = backend.forward_train(xc, weight, bias, rc, eps, act, slope,
-                                                   running)
-        ctx.save_for_backward(x, weight, bias, residual if act != "none" else None, mean, rstd)
-        ctx.training, ctx.eps, ctx.act, ctx.slope, ctx.backend = True, eps, act, slope, backend
-        ctx.lay = lay
+        y, saved = backend.train_forward(xc, weight, bias, rc, eps, act, slope, running)
+        ctx.save_for_backward(x, weight, bias, residual if act != "none" else None)
+        ctx.saved, ctx.eps, ctx.act, ctx.slope, ctx.backend, ctx.lay = \
+            saved, eps, act, slope, backend, lay
         ctx.set_materialize_grads(False)
-        stats.append(mean)
-        stats.append(var)
+        out.append(saved)
         return lay.restore(y)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
         if grad_y is None:
             return (None,) * 5
+        x, weight, bias, residual = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:4]
+        backend, lay = ctx.backend, ctx.lay
         if torch.is_grad_enabled():  # create_graph=True: the general formula's recomputation
-            grads = backward_formula(ctx, grad_y, None, None, None,
-                                     single_pass=functools.partial(run_backward, ctx.backend))
-            return (*grads[:4], None)
-        x, weight, bias, residual, mean, rstd = ctx.saved_tensors
-        need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
-        grads = run_backward(ctx.backend, grad_y, x, weight, bias, residual, mean, rstd, True,
-                             ctx.act, ctx.slope, need_dx, need_dw, need_db, need_dr, lay=ctx.lay)
-        return (*grads, None)
+            mean, rstd, _var = backend.train_stats(ctx.saved)
+            return (*differentiable_backward(grad_y, x, weight, bias, residual, mean, rstd, True,
+                                             ctx.eps, ctx.act, ctx.slope, needs), None)
+        need_dx, need_dw, need_db, need_dr = needs
+        dx, dw, db, dr = backend.train_backward(
+            ctx.saved, lay.canonical(grad_y), lay.canonical(x), weight, bias,
+            None if residual is None else lay.canonical(residual), ctx.act, ctx.slope,
+            need_dx, need_dw and weight is not None, need_db and bias is not None, need_dr)
+        return (None if dx is None else lay.restore(dx), dw, db,
+                None if dr is None else lay.restore(dr), None)
 
 
 def _channel_ok(t: Tensor | None, c: int, dtype: torch.dtype) -> bool:
@@ -120,13 +123,14 @@ def train(
         (running_mean.detach() if running_mean.requires_grad else running_mean).numpy(),
         (running_var.detach() if running_var.requires_grad else running_var).numpy(),
         momentum, count)
-    stats: list[Tensor] = []
+    saved: list[object] = []
     y = _Train.apply(x, weight, bias, residual,
-                     (backend, xc, lay, eps, act, slope, running, stats))
+                     (backend, xc, lay, eps, act, slope, running, saved))
     ok = finish_folded(running, running_mean, running_var, tracked, num_batches_skipped)
     if ok is None:  # the backend did not fold the update: it runs on its own
-        update_running_statistics(running_mean, running_var, stats[0],
-                                  unbiased_var(stats[1], count), momentum, count=count,
+        mean, _rstd, var = backend.train_stats(saved[0])
+        update_running_statistics(running_mean, running_var, mean,
+                                  unbiased_var(var, count), momentum, count=count,
                                   num_batches_tracked=tracked,
                                   num_batches_skipped=num_batches_skipped,
                                   layer_name=layer_name())

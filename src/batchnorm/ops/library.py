@@ -205,26 +205,9 @@ def backward_formula(ctx, grad_y, _gmean, _grstd, _gvar, single_pass=None):
     need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
     rest = (None,) * 6
     if torch.is_grad_enabled():
-        # create_graph=True: differentiate a differentiable recomputation.
-        wanted = [(i, t) for i, t in enumerate((x, weight, bias)) if t is not None
-                  and ctx.needs_input_grad[i]]
-        y = composite_forward(x, weight, bias, residual, mean, rstd, ctx.training, ctx.eps,
-                               ctx.act, ctx.slope)
-        out: list[Tensor | None] = [None, None, None, None]
-        targets = [t for _, t in wanted]
-        if need_dr:
-            if residual is None:  # linear in the residual: dres = dy
-                out[3] = grad_y
-            else:
-                residual_leaf = residual
-                targets.append(residual_leaf)
-        if targets:
-            grads = torch.autograd.grad(y, targets, grad_y, create_graph=True, allow_unused=True)
-            for (i, _), g in zip(wanted, grads[: len(wanted)], strict=True):
-                out[i] = g
-            if need_dr and residual is not None:
-                out[3] = grads[-1]
-        return (*out, *rest)
+        return (*differentiable_backward(grad_y, x, weight, bias, residual, mean, rstd,
+                                         ctx.training, ctx.eps, ctx.act, ctx.slope,
+                                         ctx.needs_input_grad[:4]), *rest)
     dx, dw, db, dr = (single_pass or backward_op)(
         grad_y, x, weight, bias, residual, mean, rstd, ctx.training, ctx.act,
         ctx.slope, need_dx, need_dw, need_db, need_dr,
@@ -236,6 +219,32 @@ def backward_formula(ctx, grad_y, _gmean, _grstd, _gvar, single_pass=None):
         dr if need_dr else None,
         *rest,
     )
+
+
+def differentiable_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+    residual: Tensor | None, mean: Tensor, rstd: Tensor, training: bool, eps: float, act: str,
+    slope: float, needs: tuple[bool, ...],
+) -> list[Tensor | None]:
+    """The backward under ``create_graph=True``: the gradients of a differentiable
+    recomputation (:func:`composite_forward`), so that they can be differentiated again;
+    ``needs``: whether ``(x, weight, bias, residual)`` want a gradient."""
+    wanted = [(i, t) for i, t in enumerate((x, weight, bias)) if t is not None and needs[i]]
+    y = composite_forward(x, weight, bias, residual, mean, rstd, training, eps, act, slope)
+    out: list[Tensor | None] = [None, None, None, None]
+    targets = [t for _, t in wanted]
+    if needs[3]:
+        if residual is None:  # linear in the residual: dres = dy
+            out[3] = grad_y
+        else:
+            targets.append(residual)
+    if targets:
+        grads = torch.autograd.grad(y, targets, grad_y, create_graph=True, allow_unused=True)
+        for (i, _), g in zip(wanted, grads[: len(wanted)], strict=True):
+            out[i] = g
+        if needs[3] and residual is not None:
+            out[3] = grads[-1]
+    return out
 
 
 torch.library.register_autograd(

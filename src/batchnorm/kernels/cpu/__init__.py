@@ -168,33 +168,50 @@ class CpuBackend(Backend):
 
     # -- fused paths: one Numba dispatch per call -------------------------------------------
     def forward_train(self, x, weight, bias, residual, eps, act, slope, running=None):
+        y, stat = self.train_forward(x, weight, bias, residual, eps, act, slope, running)
+        # three separate tensors: op outputs may not share storage
+        return (y, *self.train_stats(stat))
+
+    def train_forward(self, x, weight, bias, residual, eps, act, slope, running=None):
+        # the saved form is the kernel's (6, C) stat array itself: no tensors made per call
         args = _Args(x, residual, act, slope)
         c, p, dt = args.c, args.p, args.dt
         y = torch.empty_like(x)
+        yf = _np(y)
         stat = np.empty((6, c), dtype=dt)
-        part = np.empty((3, c * p))
         w = _acc(weight, dt) if weight is not None else stat[0]
         b = _acc(bias, dt) if bias is not None else stat[0]
-        if args.first:
-            if lanes(args.n, args.s, p):
-                nchw_forward_lanes(args.x, _np(y), args.r, args.has_res, args.n, c, args.s,
-                                     args.threads, w, b, weight is not None, bias is not None,
-                                     dt.type(eps), args.code, args.slope, stat)
-            else:
-                nchw_forward(args.x, _np(y), args.r, args.has_res, args.n, c, args.s, p, w, b,
-                               weight is not None, bias is not None, dt.type(eps), args.code,
-                               args.slope, stat, part[0], part[1], part[2])
+        if args.first and lanes(args.n, args.s, p):
+            nchw_forward_lanes(args.x, yf, args.r, args.has_res, args.n, c, args.s,
+                               args.threads, w, b, weight is not None, bias is not None,
+                               dt.type(eps), args.code, args.slope, stat)
         else:
-            nhwc_forward(args.x, _np(y), args.r, args.has_res, args.m, c, p, w, b,
-                           weight is not None, bias is not None, dt.type(eps), args.code,
-                           args.slope, stat, part[0], part[1], part[2])
+            part = np.empty((3, c * p))
+            if args.first:
+                nchw_forward(args.x, yf, args.r, args.has_res, args.n, c, args.s, p, w, b,
+                             weight is not None, bias is not None, dt.type(eps), args.code,
+                             args.slope, stat, part[0], part[1], part[2])
+            else:
+                nhwc_forward(args.x, yf, args.r, args.has_res, args.m, c, p, w, b,
+                             weight is not None, bias is not None, dt.type(eps), args.code,
+                             args.slope, stat, part[0], part[1], part[2])
         if running is not None and running.mean.dtype == dt and running.var.dtype == dt:
             # the update in the same call's wake: mean and var·bessel straight from the stat
             running.ok = bool(running_blend(running.mean, running.var, stat[0], stat[1],
-                                              dt.type(running.bessel), running.factor))
-        # three separate tensors: op outputs may not share storage
-        return y, torch.from_numpy(stat[0].copy()), torch.from_numpy(stat[2].copy()), \
-            torch.from_numpy(stat[1].copy())
+                                            dt.type(running.bessel), running.factor))
+        return y, stat
+
+    def train_stats(self, saved):
+        return (torch.from_numpy(saved[0].copy()), torch.from_numpy(saved[2].copy()),
+                torch.from_numpy(saved[1].copy()))
+
+    def train_backward(self, saved, grad_y, x, weight, bias, residual, act, slope, need_dx,
+                       need_dweight, need_dbias, need_dres):
+        # mean, rstd, γ·rstd and β straight from the forward's stat rows (the same values the
+        # general path converts back from tensors)
+        args = _Args(x, residual, act, slope)
+        return self._backward(args, grad_y, x, weight, bias, saved[0], saved[2], saved[3],
+                              saved[4], True, need_dx, need_dweight, need_dbias, need_dres)
 
     def forward_eval(self, x, weight, bias, residual, mean, rstd, act, slope):
         return self.apply(x, mean, S.scale_of(rstd, weight), bias, residual, act, slope)
@@ -211,7 +228,16 @@ class CpuBackend(Backend):
         # stats.scale_of (γ·rstd in the accumulation dtype), on the NumPy views: the same
         # IEEE product as the torch op without a tensor dispatch
         scf = rf if weight is None else _acc(weight, dt) * rf
-        shf = args.vec(bias)
+        return self._backward(args, grad_y, x, weight, bias, mf, rf, scf, args.vec(bias),
+                              training, need_dx, need_dweight, need_dbias, need_dres)
+
+    @staticmethod
+    def _backward(args: _Args, grad_y: Tensor, x: Tensor, weight: Tensor | None,
+                  bias: Tensor | None, mf: np.ndarray, rf: np.ndarray, scf: np.ndarray,
+                  shf: np.ndarray, training: bool, need_dx: bool, need_dweight: bool,
+                  need_dbias: bool, need_dres: bool,
+                  ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """:meth:`backward` from the per-channel arrays: mean, rstd, scale (γ·rstd), shift."""
         need_sums = bool((training and need_dx) or need_dweight or need_dbias)
         dx = torch.empty_like(x) if need_dx else None
         dyf = _np(grad_y)
