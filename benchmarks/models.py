@@ -22,10 +22,10 @@ Also per variant, from separate measurements outside the timed rounds:
   variant; run with the allocator setting of ``docs/performance.md`` (``MALLOC_*``,
   ``THP_MEM_ALLOC_ENABLE``) to compare compute rather than page faults (the JSON records the
   setting);
-- ``other_ms``: the step's median time minus ``fixed_ms``, the self CPU time (from a profile of
-  one step) of the convolutions, linear layers, loss and optimizer: what batch norm,
-  activations, adds, copies and the rest of the step cost. The issue's target for ``fuse`` is
-  at most half of PyTorch's.
+- ``other_ms``: the step's median time minus ``fixed_ms``, its share spent in the
+  convolutions, linear layers, loss and optimizer (self CPU time over wall time, both from one
+  profile of three steps): what batch norm, activations, adds, copies and the rest of the step
+  cost. The issue's target for ``fuse`` is at most half of PyTorch's.
 """
 
 from __future__ import annotations
@@ -62,9 +62,15 @@ VARIANTS = ("torch", "convert", "fuse")
 # on request (--variants): fuse with the memory mode save="output" (benchmarks/bench_memory.py)
 EXTRA_VARIANTS = ("fuse_output",)
 # conv/linear kernels and their backward, the optimizer: time we do not control
-_NOT_OURS = ("conv", "mkldnn", "addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm",
-             "Optimizer", "sgd", "_foreach", "aten::t", "cross_entropy", "nll_loss",
-             "log_softmax")
+_NOT_OURS = ("conv", "Conv", "mkldnn", "addmm", "aten::linear", "aten::matmul", "Optimizer",
+             "sgd", "_foreach", "cross_entropy", "nll_loss", "log_softmax", "LogSoftmax",
+             "NllLoss", "AddmmBackward", "MmBackward")
+# names that other ops contain (``aten::t`` is a prefix of ``aten::threshold_backward``)
+_NOT_OURS_EXACT = frozenset({"aten::t", "aten::mm", "aten::bmm", "TBackward0"})
+
+
+def _not_ours(key: str) -> bool:
+    return key in _NOT_OURS_EXACT or any(k in key for k in _NOT_OURS)
 
 
 # the allocator setting of docs/performance.md, recorded with the results
@@ -114,17 +120,22 @@ def saved_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> int:
     return sum(seen.values())
 
 
-def fixed_time_ms(step: Callable[[], float]) -> float:
-    """Self CPU ms, in a profile of one step, of the convolutions, linear layers, loss and
-    optimizer: the part of the step no batch-norm implementation changes. The rest of the
-    step is its median time minus this (the profiler's own attribution of the remaining ops is
-    not used: it charges our kernels' Python frames and waits unevenly)."""
+def fixed_share(step: Callable[[], float], steps: int = 3) -> float:
+    """The share of a step's time that no batch-norm implementation changes: the self CPU time
+    of the convolutions, linear layers, loss and optimizer over the wall time of the same
+    profiled steps (both from one profile: the profiler's own overhead inflates the two
+    alike, where an unprofiled median would not be comparable). The profiler's attribution
+    of the remaining ops is not used: it charges our kernels' Python frames and waits
+    unevenly."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    return sum(e.self_cpu_time_total / 1e3 for e in prof.key_averages()
-               if any(k in e.key for k in _NOT_OURS))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        wall = time.perf_counter() - t0
+    fixed = sum(e.self_cpu_time_total / 1e6 for e in prof.key_averages() if _not_ours(e.key))
+    return min(fixed / wall, 1.0)
 
 
 def run_model(name: str, layout: str, args: argparse.Namespace) -> list[dict]:
@@ -157,7 +168,7 @@ def run_model(name: str, layout: str, args: argparse.Namespace) -> list[dict]:
     ref = statistics.median(times["torch"])
     for v, ts in times.items():
         med = statistics.median(ts)
-        fixed = fixed_time_ms(steps[v]) if v != "compile" else math.nan
+        fixed = 1e3 * med * fixed_share(steps[v]) if v != "compile" else math.nan
         row = {"model": name, "layout": layout, "variant": v, "median_ms": 1e3 * med,
                "min_ms": 1e3 * min(ts), "speedup_vs_torch": ref / med,
                "faults": statistics.median(faults[v]),
@@ -208,10 +219,10 @@ def main() -> None:
                 continue
             t = next(q for q in rows if q["variant"] == "torch" and q["model"] == r["model"]
                      and q["layout"] == r["layout"])
-            ratios.append(r["other_ms"] / t["other_ms"])
-        # the split is only meaningful where both sides came out positive (one profiled step
-        # can charge a convolution more time than the step's median took)
-        if ratios and all(q > 0 for q in ratios):
+            ratios.append(r["other_ms"] / t["other_ms"] if t["other_ms"] > 0 else math.nan)
+        # the share is clamped to [0, 1]; a ratio is only meaningful where PyTorch's side left
+        # time outside the fixed ops
+        if ratios and all(q >= 0 and math.isfinite(q) for q in ratios):
             summary[f"{v}_other_time_ratio_geomean"] = geomean(ratios)
         else:
             summary[f"{v}_other_time_ratio_geomean"] = None
