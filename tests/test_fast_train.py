@@ -150,6 +150,12 @@ def test_declines_what_it_does_not_handle(cpu_backend):
 
 
 def test_bad_input_still_gets_the_general_paths_errors(cpu_backend):
+    rm, rv = torch.zeros(5), torch.ones(5)
+    for x in (torch.randn(5, requires_grad=True), torch.tensor(3.0, requires_grad=True)):
+        assert fast_train.train(x, None, None, None, rm, rv, None, None, 0.1, 1e-5, "none", 0.0,
+                                lambda: None) is None
+        with pytest.raises(ValueError, match="at least 2 dimensions"):
+            functional.batch_norm(x, rm, rv, training=True)
     layer = batchnorm.BatchNorm2d(3)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         layer(torch.randn(1, 3, 1, 1, requires_grad=True))

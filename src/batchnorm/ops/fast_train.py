@@ -92,7 +92,7 @@ def train(
     """A layer's training call with running statistics (``momentum`` a float), or ``None``
     where it is not the common case (then nothing has changed and the caller takes the general
     path). ``layer_name`` gives the name warnings use (called only to warn)."""
-    if type(x) is not Tensor or not x.is_cpu or type(momentum) is not float \
+    if type(x) is not Tensor or not x.is_cpu or x.dim() < 2 or type(momentum) is not float \
             or type(eps) is not float or not eps > 0.0 or not math.isfinite(momentum):
         return None
     dtype = x.dtype
