@@ -42,7 +42,8 @@ def _general(layer, x, residual=None):
 
 
 def _count_fast(monkeypatch):
-    """Count the calls that the short path ran (not declined)."""
+    """Count the calls that the short path ran (not declined), from the layers (which call it
+    first) and from the functional API."""
     taken = []
     real = functional.fast_train
 
@@ -52,6 +53,7 @@ def _count_fast(monkeypatch):
         return y
 
     monkeypatch.setattr(functional, "fast_train", counting)
+    monkeypatch.setattr(batchnorm.nn.batchnorm, "fast_train", counting)
     return taken
 
 
@@ -189,3 +191,20 @@ def test_a_memory_mode_set_after_construction_takes_the_general_path(cpu_backend
     with pytest.raises(ValueError, match="inplace: True needs save='output'"):
         layer(torch.randn(4, 3, 2, 2, requires_grad=True))
     assert layer.num_batches_tracked.item() == 0
+
+
+def test_the_layer_reads_a_changed_activation(cpu_backend):
+    """The layer keeps its parsed activation while the spec is the same object; a new spec
+    (or a module, parsed on every call) takes effect on the next call."""
+    layer = batchnorm.BatchNorm1d(5, activation="relu")
+    x = torch.randn(16, 5, requires_grad=True)
+    assert (layer(x) >= 0).all()
+    layer.activation = None
+    assert (layer(x) < 0).any()
+    slope = torch.nn.LeakyReLU(0.5)
+    layer.activation = slope
+    y1 = layer(x)
+    slope.negative_slope = 0.25
+    y2 = layer(x)
+    neg = y1 < 0
+    assert neg.any() and torch.allclose(y2[neg] * 2, y1[neg], rtol=1e-3, atol=1e-3)

@@ -198,6 +198,7 @@ def test_folded_update_equals_the_update_on_its_own(backend, monkeypatch, case, 
     # the general path's fold (the layers' short path is compared with the general path in
     # tests/test_fast_train.py)
     monkeypatch.setattr(functional, "fast_train", lambda *args: None)
+    monkeypatch.setattr(batchnorm.nn.batchnorm, "fast_train", lambda *args: None)
     results = []
     for fold in (True, False):
         monkeypatch.setattr(functional, "fold_request", spy if fold else lambda *args: None)

@@ -20,6 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .._errors import BatchNormValueError, describe
 from ..activations import ActivationSpec, parse_activation, spec_of
 from ..functional import batch_norm_impl
+from ..ops.fast_train import train as fast_train
 from ..ops.saved_output import check_mode
 from ..running import NonFiniteBatchWarning
 
@@ -166,9 +167,10 @@ class _BatchNormBase(_BatchNorm):
         return tracer.create_proxy("call_module", tracer.path_of_module(self), args, {})
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
-        traced = self._fx_leaf(input, residual)
-        if traced is not None:
-            return traced  # type: ignore[no-any-return]
+        if type(input) is not Tensor:  # a Proxy under torch.fx tracing, or not a tensor
+            traced = self._fx_leaf(input, residual)
+            if traced is not None:
+                return traced  # type: ignore[no-any-return]
         self._check_input_dim(input)
         # parameters and buffers read from their dicts, not through Module.__getattr__
         # (docs/decisions.md, "Host-side micro-costs")
@@ -177,27 +179,53 @@ class _BatchNormBase(_BatchNorm):
         buffers, params = self._buffers, self._parameters
         rm = buffers["running_mean"] if "running_mean" in buffers else self.running_mean  # noqa: SIM401
         rv = buffers["running_var"] if "running_var" in buffers else self.running_var  # noqa: SIM401
-        use_batch_stats = self.training or (rm is None and rv is None)
+        weight = params["weight"] if "weight" in params else self.weight  # noqa: SIM401
+        bias = params["bias"] if "bias" in params else self.bias  # noqa: SIM401
         track = self.training and self.track_running_stats
+        nbt = self.num_batches_tracked if track else None
+        nbs = self.num_batches_skipped if track else None
+        if track and self.save == "input" and self.inplace is False \
+                and not torch.compiler.is_compiling():
+            # the common training call straight to the short path: no functional frame, the
+            # activation parsed once (docs/decisions.md, "The layer calls the short path")
+            act, slope = self._parsed_activation()
+            y = fast_train(input, weight, bias, residual, rm, rv, nbt, nbs, self.momentum,
+                           self.eps, act, slope, self._name)
+            if y is not None:
+                return self._after(y) if self._unfused else y
+        use_batch_stats = self.training or (rm is None and rv is None)
         pass_buffers = not self.training or self.track_running_stats
         y = batch_norm_impl(
             input,
             rm if pass_buffers else None,
             rv if pass_buffers else None,
-            params["weight"] if "weight" in params else self.weight,  # noqa: SIM401
-            params["bias"] if "bias" in params else self.bias,  # noqa: SIM401
+            weight,
+            bias,
             use_batch_stats,
             self.momentum,
             self.eps,
             activation=self.activation,
             residual=residual,
-            num_batches_tracked=self.num_batches_tracked if track else None,
-            num_batches_skipped=self.num_batches_skipped if track else None,
+            num_batches_tracked=nbt,
+            num_batches_skipped=nbs,
             layer_name=self._name(),
             save=self.save,
             inplace=self.inplace,
         )
         return self._after(y) if self._unfused else y
+
+    def _parsed_activation(self) -> tuple[str, float]:
+        """``parse_activation(self.activation)``, kept while ``self.activation`` is the same
+        immutable spec (a name, ``(name, parameter)`` or None; a module is parsed anew, as its
+        attributes may change)."""
+        spec = self.activation
+        cached = self.__dict__.get("_activation_parsed")
+        if cached is not None and cached[0] is spec:
+            return cached[1]  # type: ignore[no-any-return]
+        parsed = parse_activation(spec)
+        if spec is None or type(spec) in (str, tuple):
+            self.__dict__["_activation_parsed"] = (spec, parsed)
+        return parsed
 
     def __prepare_scriptable__(self) -> torch.nn.Module:
         """Called by ``torch.jit.script`` before it compiles a model: our forward is Python

@@ -85,7 +85,8 @@ def _channel_ok(t: Tensor | None, c: int, dtype: torch.dtype) -> bool:
 
 def train(
     x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-    running_mean: Tensor, running_var: Tensor, num_batches_tracked: Tensor | None,
+    running_mean: Tensor | None, running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
     num_batches_skipped: Tensor | None, momentum: object, eps: object, act: str, slope: float,
     layer_name: Callable[[], str | None],
 ) -> Tensor | None:
@@ -99,6 +100,8 @@ def train(
     if dtype not in _FLOATS or not torch.is_grad_enabled() \
             or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling() \
             or forward_ad.active() or torch.jit.is_tracing():
+        return None
+    if running_mean is None or running_var is None:
         return None
     c = x.shape[1]
     count = x.numel() // c if c else 0
