@@ -75,8 +75,10 @@ def run_case(shape: tuple[int, ...], layout: str, act: str, rounds: int) -> dict
         step(m)
         step(m)
     times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(rounds):
-        for k, m in models.items():
+    keys = list(models)
+    for i in range(rounds):
+        for k in keys[i % len(keys):] + keys[:i % len(keys)]:  # each side leads in turn
+            m = models[k]
             t0 = time.perf_counter()
             step(m)
             times[k].append(time.perf_counter() - t0)

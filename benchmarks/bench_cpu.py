@@ -115,8 +115,13 @@ def bench(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, dict[str
         f()
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
+    keys = list(fns)
+    for i in range(rounds):
+        # the order rotates each round: a call finds in the caches what the call before it
+        # left there (its own code, if the same side ran), so no side may always follow the
+        # same one (docs/decisions.md, "Benchmarks rotate the order of their rounds")
+        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
+            f = fns[k]
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)

@@ -97,8 +97,10 @@ def main() -> None:
     for t in times.values():
         t.clear()
     step_times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(args.rounds):
-        for k, s in steps.items():
+    keys = list(steps)
+    for i in range(args.rounds):
+        for k in keys[i % len(keys):] + keys[:i % len(keys)]:  # each model leads in turn
+            s = steps[k]
             t0 = time.perf_counter()
             s()
             step_times[k].append(time.perf_counter() - t0)
