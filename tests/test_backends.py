@@ -69,3 +69,16 @@ def test_importing_batchnorm_imports_neither_dynamo_nor_the_kernel_libraries():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_forced_follows_the_environment(monkeypatch):
+    """``forced`` reads os.environ's store directly; every change made through ``os.environ``
+    (set, changed, deleted) is seen on the next call."""
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    assert kernels.forced() is None
+    monkeypatch.setenv(kernels.ENV_VAR, " Reference ")
+    assert kernels.forced() == "reference"
+    monkeypatch.setenv(kernels.ENV_VAR, "cpu")
+    assert kernels.forced() == "cpu"
+    monkeypatch.delenv(kernels.ENV_VAR)
+    assert kernels.forced() is None

@@ -73,24 +73,37 @@ def available_backends() -> list[str]:
     return [name for name in _LOADERS if get_backend(name) is not None]
 
 
-_forced_cache: tuple[str | None, str | None] = (None, None)
+# ``os.environ``'s own store (``os._Environ._data``: the encoded keys and values that its
+# ``__setitem__``/``__delitem__`` keep in step with the process environment) read with one dict
+# lookup; ``os.environ.get`` runs the mapping's Python methods and encoders, which cost more than
+# a small layer's checks once a model's large ops have evicted them from the caches
+# (docs/decisions.md, "The forced backend read from the environment's store"). ``os.environ.get``
+# where a Python lays it out otherwise.
+_ENV_STORE: dict | None = getattr(os.environ, "_data", None)
+_ENV_KEY: object = None
+if type(_ENV_STORE) is dict and hasattr(os.environ, "encodekey"):
+    _ENV_KEY = os.environ.encodekey(ENV_VAR)
+else:  # pragma: no cover - not CPython's os.environ
+    _ENV_STORE = None
+
+# (the raw value last read, the backend name it gives)
+_forced_cache: tuple[object, str | None] = (None, None)
 
 
 def forced() -> str | None:
     """The backend named by ``BATCHNORM_BACKEND`` (parsed once per distinct value)."""
     global _forced_cache
-    raw = os.environ.get(ENV_VAR)
+    raw = _ENV_STORE.get(_ENV_KEY) if _ENV_STORE is not None else os.environ.get(ENV_VAR)
     if raw != _forced_cache[0]:
-        _forced_cache = (raw, (raw or "").strip().lower() or None)
+        text = os.environ.get(ENV_VAR)
+        _forced_cache = (raw, (text or "").strip().lower() or None)
     return _forced_cache[1]
 
 
 def select(x: Tensor) -> Backend:
     """The backend that runs canonical tensor ``x``."""
-    reference = get_backend("reference")
-    assert reference is not None
     if x.numel() == 0:  # kernels never see empty tensors
-        return reference
+        return _reference()
     name = forced()
     if name is not None:
         backend = get_backend(name)
@@ -99,13 +112,19 @@ def select(x: Tensor) -> Backend:
                 f"{ENV_VAR}={name}: that backend is not importable on this machine "
                 f"(available: {available_backends()})"
             )
-        return backend if backend.supports(x) else reference
+        return backend if backend.supports(x) else _reference()
     # ``is_cpu`` is a flag read; ``device.type`` builds a device object on every call
     # (docs/decisions.md, "Host-side micro-costs")
     for candidate in PREFERENCE.get("cpu" if x.is_cpu else x.device.type, ()):
         backend = get_backend(candidate)
         if backend is not None and backend.supports(x) and backend.prefers(x):
             return backend
+    return _reference()
+
+
+def _reference() -> Backend:
+    reference = get_backend("reference")
+    assert reference is not None
     return reference
 
 
