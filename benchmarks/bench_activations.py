@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -75,9 +76,9 @@ def run_case(shape: tuple[int, ...], layout: str, act: str, rounds: int) -> dict
         step(m)
         step(m)
     times: dict[str, list[float]] = {k: [] for k in models}
-    keys = list(models)
-    for i in range(rounds):
-        for k in keys[i % len(keys):] + keys[:i % len(keys)]:  # each side leads in turn
+    keys, rng = list(models), random.Random(0)
+    for _ in range(rounds):
+        for k in rng.sample(keys, len(keys)):  # a fresh order each round
             m = models[k]
             t0 = time.perf_counter()
             step(m)

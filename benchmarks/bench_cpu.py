@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -115,12 +116,12 @@ def bench(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, dict[str
         f()
         f()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    keys = list(fns)
-    for i in range(rounds):
-        # the order rotates each round: a call finds in the caches what the call before it
-        # left there (its own code, if the same side ran), so no side may always follow the
-        # same one (docs/decisions.md, "Benchmarks rotate the order of their rounds")
-        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
+    keys, rng = list(fns), random.Random(0)
+    for _ in range(rounds):
+        # a fresh (seeded) order each round: a call finds in the caches what the call before
+        # it left there (its own code, if the same side ran), so each side must follow each
+        # other as often (docs/decisions.md, "Benchmarks shuffle the order of their rounds")
+        for k in rng.sample(keys, len(keys)):
             f = fns[k]
             t0 = time.perf_counter()
             f()

@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -97,9 +98,9 @@ def main() -> None:
     for t in times.values():
         t.clear()
     step_times: dict[str, list[float]] = {k: [] for k in steps}
-    keys = list(steps)
-    for i in range(args.rounds):
-        for k in keys[i % len(keys):] + keys[:i % len(keys)]:  # each model leads in turn
+    keys, rng = list(steps), random.Random(0)
+    for _ in range(args.rounds):
+        for k in rng.sample(keys, len(keys)):  # a fresh order each round
             s = steps[k]
             t0 = time.perf_counter()
             s()

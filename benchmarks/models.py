@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import random
 import resource
 import statistics
 import sys
@@ -157,11 +158,12 @@ def run_model(name: str, layout: str, args: argparse.Namespace) -> list[dict]:
         s()
     times: dict[str, list[float]] = {v: [] for v in steps}
     faults: dict[str, list[int]] = {v: [] for v in steps}
-    keys = list(steps)
-    for i in range(args.rounds):
-        # the order rotates each round: a step finds in the caches what the step before it left
-        # (our layers' code after a step with our layers); no variant always follows the same
-        for v in keys[i % len(keys):] + keys[:i % len(keys)]:
+    keys, rng = list(steps), random.Random(0)
+    for _ in range(args.rounds):
+        # a fresh (seeded) order each round: a step finds in the caches what the step before it
+        # left (our layers' code after a step with our layers); each variant must follow each
+        # other as often
+        for v in rng.sample(keys, len(keys)):
             s = steps[v]
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
