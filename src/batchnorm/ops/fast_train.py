@@ -78,6 +78,14 @@ class _Train(torch.autograd.Function):
                 None if dr is None else lay.restore(dr), None)
 
 
+# ``_Train.apply`` without ``Function.apply``'s Python wrapper, whose other branches do not
+# apply here: ``_Train`` has no ``setup_context`` (no argument binding) and :func:`train` has
+# ruled out functorch transforms; dead functorch wrappers are unwrapped as the wrapper does
+# (docs/decisions.md, "The short path calls the Function's C entry")
+_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _Train)
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
 def _channel_ok(t: Tensor | None, c: int, dtype: torch.dtype) -> bool:
     return t is None or (type(t) is torch.nn.Parameter or type(t) is Tensor) and t.is_cpu \
         and t.dtype is dtype and t.dim() == 1 and t.shape[0] == c
@@ -127,8 +135,10 @@ def train(
         (running_var.detach() if running_var.requires_grad else running_var).numpy(),
         momentum, count)
     saved: list[object] = []
-    y = _Train.apply(x, weight, bias, residual,
-                     (backend, xc, lay, eps, act, slope, running, saved))
+    y = _apply(_unwrap_if_dead(x), None if weight is None else _unwrap_if_dead(weight),
+               None if bias is None else _unwrap_if_dead(bias),
+               None if residual is None else _unwrap_if_dead(residual),
+               (backend, xc, lay, eps, act, slope, running, saved))
     ok = finish_folded(running, running_mean, running_var, tracked, num_batches_skipped)
     if ok is None:  # the backend did not fold the update: it runs on its own
         mean, _rstd, var = backend.train_stats(saved[0])
