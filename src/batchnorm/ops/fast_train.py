@@ -107,7 +107,7 @@ def train(
     dtype = x.dtype
     if dtype not in _FLOATS or not torch.is_grad_enabled() \
             or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling() \
-            or forward_ad.active() or torch.jit.is_tracing():
+            or forward_ad.active() or torch._C._get_tracing_state() is not None:
         return None
     if running_mean is None or running_var is None:
         return None
