@@ -208,3 +208,18 @@ def test_the_layer_reads_a_changed_activation(cpu_backend):
     y2 = layer(x)
     neg = y1 < 0
     assert neg.any() and torch.allclose(y2[neg] * 2, y1[neg], rtol=1e-3, atol=1e-3)
+
+
+def test_the_folded_update_counts_the_batch_and_moves_the_versions(cpu_backend):
+    """The short path counts the batch and moves every buffer's version counter, as torch's
+    in-place ops would (the blend writes through NumPy views)."""
+    layer = batchnorm.BatchNorm2d(3)
+    buffers = (layer.running_mean, layer.running_var, layer.num_batches_tracked)
+    before = [t._version for t in buffers]
+    for step in range(1, 4):
+        layer(torch.randn(4, 3, 2, 2, requires_grad=True))
+        assert layer.num_batches_tracked.item() == step
+        after = [t._version for t in buffers]
+        assert all(a > b for a, b in zip(after, before, strict=True))
+        before = after
+    assert layer.num_batches_skipped.item() == 0
