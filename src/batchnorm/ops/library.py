@@ -25,7 +25,7 @@ from .. import stats as S
 from ..activations import act_forward
 from ..kernels import Backend, select
 from ..kernels.base import RunningUpdate
-from ..layout import Layout, canonicalize, empty_output
+from ..layout import canonicalize, empty_output
 
 __all__ = ["forward_impl", "forward_op", "backward_op", "run_forward", "run_backward",
            "forward_canonical", "composite_forward", "backward_formula", "setup_forward",
@@ -114,17 +114,13 @@ def run_backward(
     backend: Backend | None, grad_y: Tensor, x: Tensor, weight: Tensor | None,
     bias: Tensor | None, residual: Tensor | None, mean: Tensor, rstd: Tensor, training: bool,
     act: str, slope: float, need_dx: bool, need_dweight: bool, need_dbias: bool,
-    need_dres: bool, lay: Layout | None = None,
+    need_dres: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """The single-pass backward on tensors of the user's shape: ``grad_y`` (any memory format)
     brought into ``x``'s canonical layout, the backend's backward (``None``: the one
     :func:`select` picks), the input gradients back in ``x``'s shape and format; ``None`` where
-    a gradient is not needed. ``lay``: ``x``'s layout where the caller kept it from the
-    forward."""
-    if lay is None:
-        xc, lay = canonicalize(x)
-    else:
-        xc = lay.canonical(x)
+    a gradient is not needed."""
+    xc, lay = canonicalize(x)
     be = backend if backend is not None else select(xc)
     rc = None if residual is None else lay.canonical(residual)
     dx, dw, db, dr = be.backward(
