@@ -1,7 +1,9 @@
 """The ``cpu`` backend: fused batch-norm kernels written in Numba (``pip install batchnorm[cpu]``).
 
 Loaded lazily by :mod:`batchnorm.kernels` (importing ``batchnorm`` never imports Numba). This
-module is the host code; the kernels compile on their first call and are cached on disk
+module is the backend class, :mod:`._host` the host code it shares between its entry points
+(threads, work splits, the arrays of a call); the kernels compile on their first call and are
+cached on disk
 (``cache=True``): :mod:`._nchw` (channels-first), :mod:`._lanes` (channels-first, short
 samples), :mod:`._nhwc` and :mod:`._nhwc_backward` (channels-last), :mod:`._running` (the
 running-statistics blend), from the helpers of :mod:`._segments`, :mod:`._activations` and the
