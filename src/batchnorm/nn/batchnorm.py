@@ -4,7 +4,9 @@ activation.
 The classes subclass PyTorch's own (``isinstance(m, torch.nn.BatchNorm2d)`` holds), so
 parameters, buffers, ``state_dict`` keys, the ``_version`` migration, ``reset_parameters`` and
 initialization code written for PyTorch's layers carry over unchanged. Only the forward differs:
-it goes through :func:`batchnorm.functional.batch_norm_impl`.
+a training call with running statistics tries :func:`batchnorm.ops.fast_train.train` first;
+everything else (and whatever that declines) goes through
+:func:`batchnorm.functional.batch_norm_impl`.
 """
 
 from __future__ import annotations

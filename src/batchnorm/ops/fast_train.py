@@ -5,17 +5,18 @@ statistics, a fused activation (or none), under plain eager autograd. For a smal
 Python between the module and the kernel costs more than the kernel, and in a model, where each
 large operation between two layers evicts that code from the caches, it costs more again
 (docs/decisions.md, "The layer's training call skips the general chain").
-:func:`batchnorm.functional.batch_norm_impl` (every layer's and the functional API's entry)
-tries it first. :func:`train`
-recognises that call with a few cheap reads and runs it in one frame: the backend's fused
-forward with the running-statistics blend folded in, and an autograd Function with one output
-(the statistics stay inside it). Anything else returns ``None`` and takes the general path
-(:func:`batchnorm.functional.batch_norm_impl`), which also raises every error: this path never
-raises for bad arguments, it declines them.
+The layers' forward (a training call with running statistics) and
+:func:`batchnorm.functional.batch_norm_impl` (the functional API's entry) try it first.
+:func:`train` recognises that call with a few cheap reads and runs it in one frame: the
+backend's fused forward with the running-statistics blend folded in, and an autograd Function
+with one output (the statistics stay inside it). Anything else returns ``None`` and takes the
+general path (:func:`batchnorm.functional.batch_norm_impl`), which also raises every error: this
+path never raises for bad arguments, it declines them.
 
-The kernels, their arguments and the backward are those of the general path
-(:class:`~batchnorm.ops.eager.EagerForwardCtx`), so the numbers are the same bit for bit (a test
-compares the two).
+The kernels and their arguments are those of the general path
+(:class:`~batchnorm.ops.eager.EagerForwardCtx`); the statistics stay in the backend's own form
+between forward and backward (:meth:`~batchnorm.kernels.base.Backend.train_forward`), so the
+numbers are the same bit for bit (a test compares the two).
 """
 
 from __future__ import annotations
