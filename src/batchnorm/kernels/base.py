@@ -30,13 +30,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import Tensor
 
 from .. import stats as S
 from . import saved_output_reference
+
+if TYPE_CHECKING:
+    from ..layout import Layout
 
 
 class RunningUpdate:
@@ -172,6 +175,33 @@ class Backend(ABC):
         mean, rstd, _var = self.train_stats(saved)
         return self.backward(grad_y, x, weight, bias, residual, mean, rstd, True, act, slope,
                              need_dx, need_dweight, need_dbias, need_dres)
+
+    def train_forward_user(
+        self, x: Tensor, lay: Layout, xc: Tensor, weight: Tensor | None, bias: Tensor | None,
+        residual: Tensor | None, eps: float, act: str, slope: float,
+        running: RunningUpdate | None = None,
+    ) -> tuple[Tensor, Any]:
+        """:meth:`train_forward` on the user's tensors: ``x`` and ``residual`` in the user's
+        shape, ``lay`` their :class:`~batchnorm.layout.Layout` and ``xc`` the canonical view
+        of ``x``; ``y`` in the user's shape and in :meth:`Layout.restore`'s memory format. A
+        backend may read the user's tensors directly instead of through canonical views."""
+        rc = None if residual is None else lay.canonical(residual)
+        y, saved = self.train_forward(xc, weight, bias, rc, eps, act, slope, running)
+        return lay.restore(y), saved
+
+    def train_backward_user(
+        self, saved: Any, lay: Layout, grad_y: Tensor, x: Tensor, weight: Tensor | None,
+        bias: Tensor | None, residual: Tensor | None, act: str, slope: float, need_dx: bool,
+        need_dweight: bool, need_dbias: bool, need_dres: bool,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """:meth:`train_backward` on the user's tensors (as :meth:`train_forward_user`): the
+        gradients of ``x`` and ``residual`` in the user's shape."""
+        dx, dw, db, dr = self.train_backward(
+            saved, lay.canonical(grad_y), lay.canonical(x), weight, bias,
+            None if residual is None else lay.canonical(residual), act, slope, need_dx,
+            need_dweight, need_dbias, need_dres)
+        return (None if dx is None else lay.restore(dx), dw, db,
+                None if dr is None else lay.restore(dr))
 
     def forward_eval(
         self, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,

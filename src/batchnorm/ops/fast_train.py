@@ -15,8 +15,10 @@ path never raises for bad arguments, it declines them.
 
 The kernels and their arguments are those of the general path
 (:class:`~batchnorm.ops.eager.EagerForwardCtx`); the statistics stay in the backend's own form
-between forward and backward (:meth:`~batchnorm.kernels.base.Backend.train_forward`), so the
-numbers are the same bit for bit (a test compares the two).
+between forward and backward (:meth:`~batchnorm.kernels.base.Backend.train_forward_user`), so
+the numbers are the same bit for bit (a test compares the two). The backend reads and writes
+the user's tensors in their own shape (``train_forward_user``/``train_backward_user``): the CPU
+backend through NumPy views, with no tensor views made and undone per call.
 """
 
 from __future__ import annotations
@@ -43,21 +45,21 @@ _FLOATS = (torch.float32, torch.float64)
 
 class _Train(torch.autograd.Function):
     """:class:`~batchnorm.ops.eager.EagerForwardCtx` with the output alone: the statistics
-    stay in the backend's own form (:meth:`~batchnorm.kernels.base.Backend.train_forward`)
+    stay in the backend's own form (:meth:`~batchnorm.kernels.base.Backend.train_forward_user`)
     between the forward and the backward, and reach the caller through ``rest[-1]`` (they never
     receive a gradient, so they need not be outputs)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, rest):  # type: ignore[override]
         backend, xc, lay, eps, act, slope, running, out = rest
-        rc = None if residual is None else lay.canonical(residual)
-        y, saved = backend.train_forward(xc, weight, bias, rc, eps, act, slope, running)
+        y, saved = backend.train_forward_user(x, lay, xc, weight, bias, residual, eps, act,
+                                              slope, running)
         ctx.save_for_backward(x, weight, bias, residual if act != "none" else None)
         ctx.saved, ctx.eps, ctx.act, ctx.slope, ctx.backend, ctx.lay = \
             saved, eps, act, slope, backend, lay
         ctx.set_materialize_grads(False)
         out.append(saved)
-        return lay.restore(y)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
@@ -71,12 +73,10 @@ class _Train(torch.autograd.Function):
             return (*differentiable_backward(grad_y, x, weight, bias, residual, mean, rstd, True,
                                              ctx.eps, ctx.act, ctx.slope, needs), None)
         need_dx, need_dw, need_db, need_dr = needs
-        dx, dw, db, dr = backend.train_backward(
-            ctx.saved, lay.canonical(grad_y), lay.canonical(x), weight, bias,
-            None if residual is None else lay.canonical(residual), ctx.act, ctx.slope,
-            need_dx, need_dw and weight is not None, need_db and bias is not None, need_dr)
-        return (None if dx is None else lay.restore(dx), dw, db,
-                None if dr is None else lay.restore(dr), None)
+        dx, dw, db, dr = backend.train_backward_user(
+            ctx.saved, lay, grad_y, x, weight, bias, residual, ctx.act, ctx.slope, need_dx,
+            need_dw and weight is not None, need_db and bias is not None, need_dr)
+        return dx, dw, db, dr, None
 
 
 # ``_Train.apply`` without ``Function.apply``'s Python wrapper, whose other branches do not
@@ -126,7 +126,8 @@ def train(
             or (bias is not None and bias.requires_grad)
             or (residual is not None and residual.requires_grad)):
         return None  # no autograd node to make: the general path's node-free call
-    xc, lay = canonicalize(x)
+    # the canonical view of the detached input: no autograd view nodes to make and drop
+    xc, lay = canonicalize(x.detach() if x.requires_grad else x)
     backend = select(xc)
     if act not in _INLINE_ACTS and not backend.fuses_fast(act):
         return None

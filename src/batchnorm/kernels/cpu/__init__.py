@@ -34,14 +34,17 @@ Supported: CPU float32 and float64 tensors. float16/bfloat16 are left to the ref
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ... import stats as S
-from ..base import Backend
+from ..base import Backend, RunningUpdate
 from ._host import (
     _FUSED_CODES,
     SERIAL_ELEMENTS,
@@ -49,6 +52,8 @@ from ._host import (
     _acc,
     _Args,
     _np,
+    empty_user,
+    flat_in,
     nchw_chunks,
     nhwc_blocks,
     super_rows,
@@ -177,9 +182,27 @@ class CpuBackend(Backend):
     def train_forward(self, x, weight, bias, residual, eps, act, slope, running=None):
         # the saved form is the kernel's (6, C) stat array itself: no tensors made per call
         args = _Args(x, residual, act, slope)
-        c, p, dt = args.c, args.p, args.dt
         y = torch.empty_like(x)
-        yf = _np(y)
+        return y, self._train_forward(args, _np(y), weight, bias, eps, running)
+
+    def train_forward_user(self, x, lay, xc, weight, bias, residual, eps, act, slope,
+                           running=None):
+        # NumPy views of the user's tensors in canonical order: no tensor views made or undone
+        # (docs/decisions.md, "The CPU short path views the user's tensors in NumPy")
+        last = lay.kind == "last"
+        rf = None
+        if residual is not None and (rf := flat_in(residual, last)) is None:
+            rf = _np(lay.canonical(residual))
+        args = _Args.of(_np(xc), rf, xc.shape, act, slope)
+        y, yf = empty_user(lay.shape, lay.strides, x.dtype, last)
+        return y, self._train_forward(args, yf, weight, bias, eps, running)
+
+    @staticmethod
+    def _train_forward(args: _Args, yf: np.ndarray, weight: Tensor | None, bias: Tensor | None,
+                       eps: float, running: RunningUpdate | None) -> np.ndarray:
+        """The fused forward into ``yf`` (and the running blend); returns the ``(6, C)`` stat
+        array (mean, biased var, rstd, γ·rstd, β, δ)."""
+        c, p, dt = args.c, args.p, args.dt
         stat = np.empty((6, c), dtype=dt)
         w = _acc(weight, dt) if weight is not None else stat[0]
         b = _acc(bias, dt) if bias is not None else stat[0]
@@ -201,7 +224,7 @@ class CpuBackend(Backend):
             # the update in the same call's wake: mean and var·bessel straight from the stat
             running.ok = bool(running_blend(running.mean, running.var, stat[0], stat[1],
                                             dt.type(running.bessel), running.factor))
-        return y, stat
+        return stat
 
     def train_stats(self, saved):
         return (torch.from_numpy(saved[0].copy()), torch.from_numpy(saved[2].copy()),
@@ -212,8 +235,27 @@ class CpuBackend(Backend):
         # mean, rstd, γ·rstd and β straight from the forward's stat rows (the same values the
         # general path converts back from tensors)
         args = _Args(x, residual, act, slope)
-        return self._backward(args, grad_y, x, weight, bias, saved[0], saved[2], saved[3],
-                              saved[4], True, need_dx, need_dweight, need_dbias, need_dres)
+        return self._backward(args, _np(grad_y), _like(x), weight, bias, saved[0], saved[2],
+                              saved[3], saved[4], True, need_dx, need_dweight, need_dbias,
+                              need_dres)
+
+    def train_backward_user(self, saved, lay, grad_y, x, weight, bias, residual, act, slope,
+                            need_dx, need_dweight, need_dbias, need_dres):
+        last = lay.kind == "last"
+        xf = flat_in(x, last)
+        if xf is None:  # the forward made the input dense (Layout.canonical's copy)
+            xf = _np(lay.canonical(x))
+        gf = flat_in(grad_y, last)
+        if gf is None:  # a gradient in another memory format: one copy into this one
+            gf = _np(lay.canonical(grad_y))
+        rf = None
+        if residual is not None and (rf := flat_in(residual, last)) is None:
+            rf = _np(lay.canonical(residual))
+        args = _Args.of(xf, rf, _canonical_shape(lay.kind, lay.shape), act, slope)
+        shape, strides, dtype = lay.shape, lay.strides, x.dtype
+        return self._backward(args, gf, lambda: empty_user(shape, strides, dtype, last), weight,
+                              bias, saved[0], saved[2], saved[3], saved[4], True, need_dx,
+                              need_dweight, need_dbias, need_dres)
 
     def forward_eval(self, x, weight, bias, residual, mean, rstd, act, slope):
         return self.apply(x, mean, S.scale_of(rstd, weight), bias, residual, act, slope)
@@ -230,27 +272,27 @@ class CpuBackend(Backend):
         # stats.scale_of (γ·rstd in the accumulation dtype), on the NumPy views: the same
         # IEEE product as the torch op without a tensor dispatch
         scf = rf if weight is None else _acc(weight, dt) * rf
-        return self._backward(args, grad_y, x, weight, bias, mf, rf, scf, args.vec(bias),
-                              training, need_dx, need_dweight, need_dbias, need_dres)
+        return self._backward(args, _np(grad_y), _like(x), weight, bias, mf, rf, scf,
+                              args.vec(bias), training, need_dx, need_dweight, need_dbias,
+                              need_dres)
 
     @staticmethod
-    def _backward(args: _Args, grad_y: Tensor, x: Tensor, weight: Tensor | None,
-                  bias: Tensor | None, mf: np.ndarray, rf: np.ndarray, scf: np.ndarray,
-                  shf: np.ndarray, training: bool, need_dx: bool, need_dweight: bool,
-                  need_dbias: bool, need_dres: bool,
+    def _backward(args: _Args, dyf: np.ndarray, alloc: Callable[[], tuple[Tensor, np.ndarray]],
+                  weight: Tensor | None, bias: Tensor | None, mf: np.ndarray, rf: np.ndarray,
+                  scf: np.ndarray, shf: np.ndarray, training: bool, need_dx: bool,
+                  need_dweight: bool, need_dbias: bool, need_dres: bool,
                   ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-        """:meth:`backward` from the per-channel arrays: mean, rstd, scale (γ·rstd), shift."""
+        """:meth:`backward` from the per-channel arrays (mean, rstd, scale (γ·rstd), shift),
+        the flat incoming gradient ``dyf`` and ``alloc``, which makes an output gradient and
+        its flat view."""
         need_sums = bool((training and need_dx) or need_dweight or need_dbias)
-        dx = torch.empty_like(x) if need_dx else None
-        dyf = _np(grad_y)
+        dx, dxf = alloc() if need_dx else (None, args.x)
         if args.code not in _FUSED_CODES:  # g once, in its own pass; then no activation
-            g = torch.empty_like(x)
-            args.act_grad(dyf, mf, scf, shf, _np(g))
-            dyf, dres, need_dres = _np(g), (g if need_dres else None), False
+            g, gf = alloc()
+            args.act_grad(dyf, mf, scf, shf, gf)
+            dyf, dres, need_dres, drf = gf, (g if need_dres else None), False, args.x
         else:
-            dres = torch.empty_like(x) if need_dres else None
-        dxf = _np(dx) if dx is not None else args.x
-        drf = _np(dres) if need_dres and dres is not None else args.x
+            dres, drf = alloc() if need_dres else (None, args.x)
         sg, sgx = args.backward(dyf, mf, rf, scf, shf, bool(training and need_dx),
                                 need_sums, need_dx, need_dres, dxf, drf)
         dweight = _to(sgx, weight.dtype) if need_dweight and weight is not None else None
@@ -263,6 +305,21 @@ class CpuBackend(Backend):
         from ._saved_output import backward_from_output
         return backward_from_output(grad_y, y, weight, bias, residual, rstd, training, act,
                                     slope, need_dx, need_dweight, need_dbias, need_dres)
+
+
+def _like(x: Tensor) -> Callable[[], tuple[Tensor, np.ndarray]]:
+    """An allocator of tensors like canonical ``x`` with their flat views."""
+    def alloc() -> tuple[Tensor, np.ndarray]:
+        t = torch.empty_like(x)
+        return t, _np(t)
+    return alloc
+
+
+@functools.lru_cache(maxsize=256)
+def _canonical_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The canonical shape (:mod:`batchnorm.layout`) of a user's ``shape``."""
+    n, c, s = shape[0], shape[1], math.prod(shape[2:])
+    return (n * s, c) if kind == "last" else (n, c) if kind == "nc" else (n, c, s)
 
 
 def _to(a: np.ndarray, dtype: torch.dtype) -> Tensor:

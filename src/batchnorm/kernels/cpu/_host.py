@@ -112,6 +112,34 @@ def _np(t: Tensor) -> np.ndarray:
     return a if a.ndim == 1 else a.reshape(-1)
 
 
+#: numpy axes that put a channels-last tensor's channels innermost, by rank
+_LAST_AXES = {d: (0, *range(2, d), 1) for d in range(3, 9)}
+
+
+def flat_in(t: Tensor, last: bool) -> np.ndarray | None:
+    """Flat NumPy view of a user-shaped tensor in its canonical order (channels innermost when
+    ``last``; else the tensor's own order), or ``None`` when its memory is not in that order.
+
+    The same elements :func:`batchnorm.layout.Layout.canonical` then :func:`_np` give, without
+    the two tensor views (each a dispatch, and costly once a model's large ops have evicted
+    that code: docs/decisions.md, "The CPU short path views the user's tensors in NumPy")."""
+    a = (t.detach() if t.requires_grad else t).numpy()
+    if last:
+        a = a.transpose(_LAST_AXES.get(a.ndim) or (0, *range(2, a.ndim), 1))
+    return a.reshape(-1) if a.flags.c_contiguous else None
+
+
+def empty_user(shape: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype,
+               last: bool) -> tuple[Tensor, np.ndarray]:
+    """A new tensor of the user's shape and ``strides`` (a layout's dense strides) and its flat
+    NumPy view in canonical order."""
+    t = torch.empty_strided(shape, strides, dtype=dtype)
+    a = t.numpy()
+    if last:
+        a = a.transpose(_LAST_AXES.get(a.ndim) or (0, *range(2, a.ndim), 1))
+    return t, a.reshape(-1)
+
+
 def _acc(t: Tensor, dtype: np.dtype) -> np.ndarray:
     """A per-channel vector as a NumPy array of ``dtype`` (the accumulation dtype)."""
     a = _np(t)
@@ -125,13 +153,25 @@ class _Args:
                  "s", "m", "p")
 
     def __init__(self, x: Tensor, residual: Tensor | None, act: str, slope: float) -> None:
-        self.x = xf = _np(x)
+        self._setup(_np(x), None if residual is None else _np(residual), x.shape, act, slope)
+
+    @classmethod
+    def of(cls, xf: np.ndarray, rf: np.ndarray | None, shape: tuple[int, ...], act: str,
+           slope: float) -> _Args:
+        """From flat arrays already in the canonical order of ``shape`` (``(N, C, S)`` or
+        ``(M, C)``): the caller that made them from the user's tensors (:func:`flat_in`)."""
+        args = cls.__new__(cls)
+        args._setup(xf, rf, shape, act, slope)
+        return args
+
+    def _setup(self, xf: np.ndarray, rf: np.ndarray | None, shape: tuple[int, ...] | torch.Size,
+               act: str, slope: float) -> None:
+        self.x = xf
         self.dt = dt = xf.dtype
-        self.has_res = residual is not None
-        self.r = _np(residual) if residual is not None else xf
+        self.has_res = rf is not None
+        self.r = rf if rf is not None else xf
         self.code = CODES[act]
         self.slope = dt.type(slope)
-        shape = x.shape
         self.c = c = shape[1]
         self.first = first = len(shape) == 3
         self.threads = t = _threads(xf.size, SERIAL_ELEMENTS if first else SERIAL_ELEMENTS_LAST)
