@@ -119,6 +119,33 @@ def test_double_backward_matches_the_general_path(cpu_backend):
     assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("grad_fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("input_kind", ["channels_last", "contiguous", "strided_slice"])
+def test_gradients_in_any_memory_format(cpu_backend, monkeypatch, grad_fmt, input_kind):
+    """The backend reads the user's tensors directly where their memory is in the layout's
+    order, and through a copy where not (a gradient in the other memory format, an input the
+    forward had to make dense): the same numbers and strides as the general path either way."""
+    taken = _count_fast(monkeypatch)
+    fast = batchnorm.BatchNorm2d(6, activation="hardswish")
+    slow = batchnorm.BatchNorm2d(6, activation="hardswish")
+    slow.load_state_dict(fast.state_dict())
+    base = torch.randn(4, 6, 5, 8) * 3 + 1
+    if input_kind == "channels_last":
+        base = base.contiguous(memory_format=torch.channels_last)
+    xs = [base.clone(memory_format=torch.preserve_format).requires_grad_() for _ in range(2)]
+    inputs = [x[:, :, :, ::2] if input_kind == "strided_slice" else x for x in xs]
+    y_fast, y_slow = fast(inputs[0]), _general(slow, inputs[1])
+    assert torch.equal(y_fast, y_slow) and y_fast.stride() == y_slow.stride()
+    g = torch.randn(y_fast.shape).contiguous(memory_format=grad_fmt)
+    y_fast.backward(g)
+    y_slow.backward(g)
+    assert torch.equal(xs[0].grad, xs[1].grad)
+    assert xs[0].grad.stride() == xs[1].grad.stride()
+    assert torch.equal(fast.weight.grad, slow.weight.grad)
+    assert torch.equal(fast.bias.grad, slow.bias.grad)
+    assert taken == [True]
+
+
 def _declined(layer, x, **kw):
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     rm, rv = layer.running_mean, layer.running_var
