@@ -146,6 +146,36 @@ def test_gradients_in_any_memory_format(cpu_backend, monkeypatch, grad_fmt, inpu
     assert taken == [True]
 
 
+@pytest.mark.parametrize("cls,shape,fmt", CASES)
+@pytest.mark.parametrize("activation", [None, "relu", "hardswish"])
+@pytest.mark.parametrize("how", ["no_grad", "no_leaf_needs_grad"])
+def test_without_a_graph_same_numbers_and_no_node(cpu_backend, monkeypatch, cls, shape, fmt,
+                                                  activation, how):
+    """Nothing to differentiate (``no_grad``, or no input needing a gradient, as in a
+    recalibration pass): the short path runs the kernels with no autograd Function, and gives
+    the general path's output (values and strides), running statistics and counters."""
+    taken = _count_fast(monkeypatch)
+    fast = cls(shape[1], activation=activation, affine=how == "no_grad")
+    slow = cls(shape[1], activation=activation, affine=how == "no_grad")
+    slow.load_state_dict(fast.state_dict())
+    for step in range(3):
+        x = torch.randn(shape) * (step + 2) + 3 * step
+        if fmt is not None:
+            x = x.to(memory_format=fmt)
+        if how == "no_grad":
+            x.requires_grad_()
+            with torch.no_grad():
+                y_fast, y_slow = fast(x), _general(slow, x)
+        else:
+            y_fast, y_slow = fast(x), _general(slow, x)
+        assert torch.equal(y_fast, y_slow)
+        assert y_fast.stride() == y_slow.stride()
+        assert not y_fast.requires_grad and y_fast.grad_fn is None
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+    assert taken == [True] * 3
+
+
 def _declined(layer, x, **kw):
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     rm, rv = layer.running_mean, layer.running_var
@@ -173,9 +203,8 @@ def test_declines_what_it_does_not_handle(cpu_backend):
     assert _declined(layer, x, residual=torch.randn(4, 3, 2, 1))
     if cpu_backend == "cpu":  # SiLU is not fused by the Numba kernels: layer, then the op
         assert _declined(layer, x, act="silu")
-    with torch.no_grad():
+    with torch.inference_mode():  # inference tensors: the general path's rules
         assert _declined(layer, x)
-    assert _declined(batchnorm.BatchNorm2d(3, affine=False), torch.randn(4, 3, 2, 2))  # no node
 
 
 def test_bad_input_still_gets_the_general_paths_errors(cpu_backend):

@@ -9,7 +9,8 @@ The layers' forward (a training call with running statistics) and
 :func:`batchnorm.functional.batch_norm_impl` (the functional API's entry) try it first.
 :func:`train` recognises that call with a few cheap reads and runs it in one frame: the
 backend's fused forward with the running-statistics blend folded in, and an autograd Function
-with one output (the statistics stay inside it). Anything else returns ``None`` and takes the
+with one output (the statistics stay inside it), or no Function at all where there is nothing to
+differentiate (``no_grad``, a recalibration pass). Anything else returns ``None`` and takes the
 general path (:func:`batchnorm.functional.batch_norm_impl`), which also raises every error: this
 path never raises for bad arguments, it declines them.
 
@@ -106,9 +107,9 @@ def train(
             or type(eps) is not float or not eps > 0.0 or not math.isfinite(momentum):
         return None
     dtype = x.dtype
-    if dtype not in _FLOATS or not torch.is_grad_enabled() \
-            or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling() \
-            or forward_ad.active() or torch._C._get_tracing_state() is not None:
+    if dtype not in _FLOATS or torch._C._are_functorch_transforms_active() \
+            or torch.compiler.is_compiling() or forward_ad.active() \
+            or torch._C._get_tracing_state() is not None:
         return None
     if running_mean is None or running_var is None:
         return None
@@ -122,10 +123,12 @@ def train(
     if residual is not None and (type(residual) is not Tensor or residual.dtype is not dtype
                                  or not residual.is_cpu or residual.shape != x.shape):
         return None
-    if not (x.requires_grad or (weight is not None and weight.requires_grad)
-            or (bias is not None and bias.requires_grad)
-            or (residual is not None and residual.requires_grad)):
-        return None  # no autograd node to make: the general path's node-free call
+    graph = torch.is_grad_enabled() and (
+        x.requires_grad or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad)
+        or (residual is not None and residual.requires_grad))
+    if not graph and torch.is_inference_mode_enabled():
+        return None  # inference tensors: the general path's rules
     # the canonical view of the detached input: no autograd view nodes to make and drop
     xc, lay = canonicalize(x.detach() if x.requires_grad else x)
     backend = select(xc)
@@ -137,10 +140,15 @@ def train(
         (running_var.detach() if running_var.requires_grad else running_var).numpy(),
         momentum, count)
     saved: list[object] = []
-    y = _apply(_unwrap_if_dead(x), None if weight is None else _unwrap_if_dead(weight),
-               None if bias is None else _unwrap_if_dead(bias),
-               None if residual is None else _unwrap_if_dead(residual),
-               (backend, xc, lay, eps, act, slope, running, saved))
+    if graph:
+        y = _apply(_unwrap_if_dead(x), None if weight is None else _unwrap_if_dead(weight),
+                   None if bias is None else _unwrap_if_dead(bias),
+                   None if residual is None else _unwrap_if_dead(residual),
+                   (backend, xc, lay, eps, act, slope, running, saved))
+    else:  # nothing to differentiate (no_grad, statistics recalibration): no node at all
+        y, stat = backend.train_forward_user(x, lay, xc, weight, bias, residual, eps, act,
+                                             slope, running)
+        saved.append(stat)
     ok = finish_folded(running, running_mean, running_var, tracked, num_batches_skipped)
     if ok is None:  # the backend did not fold the update: it runs on its own
         mean, _rstd, var = backend.train_stats(saved[0])
