@@ -72,10 +72,14 @@ def nchw_chunks(c: int, ns: int, threads: int) -> int:
     return max(1, min(math.ceil(_CHANNELS_PER_THREAD * threads / c), ns // _MIN_CHUNK))
 
 
-#: channels-last tensors narrower than this many channels run their backward ``g`` rows at a
-#: time (:func:`super_rows`), from :data:`_SUPER_ROW_ELEMENTS` elements up
+#: channels-last tensors of at most this many channels run their backward ``g`` rows at a
+#: time (:func:`super_rows`), from :data:`_SUPER_ROW_ELEMENTS` elements up; a super row is at
+#: least :data:`_SUPER_ROW_WIDTH` elements. Wider or smaller tensors lose more to the second
+#: dispatch and the tiled vectors than the kernel gains (docs/decisions.md, "Super rows only
+#: for the narrowest tensors")
+_SUPER_ROW_MAX_C = 16
 _SUPER_ROW_WIDTH = 64
-_SUPER_ROW_ELEMENTS = 1 << 16
+_SUPER_ROW_ELEMENTS = 1 << 18
 
 
 @functools.lru_cache(maxsize=256)
@@ -83,7 +87,7 @@ def super_rows(m: int, c: int) -> int:
     """Rows per super-row for a channels-last ``(m, c)`` backward: the smallest ``g`` with
     ``g·c >= 64`` that divides ``m`` (and no more than twice that), or 1 (a function of the
     shape only, as the results are)."""
-    if c >= _SUPER_ROW_WIDTH or m * c < _SUPER_ROW_ELEMENTS:
+    if c > _SUPER_ROW_MAX_C or m * c < _SUPER_ROW_ELEMENTS:
         return 1
     least = -(-_SUPER_ROW_WIDTH // c)
     return next((g for g in range(least, 2 * least + 1) if m % g == 0), 1)
