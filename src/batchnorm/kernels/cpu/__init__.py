@@ -189,12 +189,9 @@ class CpuBackend(Backend):
                            running=None):
         # NumPy views of the user's tensors in canonical order: no tensor views made or undone
         # (docs/decisions.md, "The CPU short path views the user's tensors in NumPy")
-        last = lay.kind == "last"
-        rf = None
-        if residual is not None and (rf := flat_in(residual, last)) is None:
-            rf = _np(lay.canonical(residual))
+        rf = None if residual is None else flat_in(residual, lay)
         args = _Args.of(_np(xc), rf, xc.shape, act, slope)
-        y, yf = empty_user(lay.shape, lay.strides, x.dtype, last)
+        y, yf = empty_user(lay, x.dtype)
         return y, self._train_forward(args, yf, weight, bias, eps, running)
 
     @staticmethod
@@ -241,19 +238,12 @@ class CpuBackend(Backend):
 
     def train_backward_user(self, saved, lay, grad_y, x, weight, bias, residual, act, slope,
                             need_dx, need_dweight, need_dbias, need_dres):
-        last = lay.kind == "last"
-        xf = flat_in(x, last)
-        if xf is None:  # the forward made the input dense (Layout.canonical's copy)
-            xf = _np(lay.canonical(x))
-        gf = flat_in(grad_y, last)
-        if gf is None:  # a gradient in another memory format: one copy into this one
-            gf = _np(lay.canonical(grad_y))
-        rf = None
-        if residual is not None and (rf := flat_in(residual, last)) is None:
-            rf = _np(lay.canonical(residual))
-        args = _Args.of(xf, rf, _canonical_shape(lay.kind, lay.shape), act, slope)
-        shape, strides, dtype = lay.shape, lay.strides, x.dtype
-        return self._backward(args, gf, lambda: empty_user(shape, strides, dtype, last), weight,
+        # a copy only for a tensor not in the layout's order: a gradient in another memory
+        # format, an input the forward had to make dense
+        rf = None if residual is None else flat_in(residual, lay)
+        args = _Args.of(flat_in(x, lay), rf, _canonical_shape(lay.kind, lay.shape), act, slope)
+        dtype = x.dtype
+        return self._backward(args, flat_in(grad_y, lay), lambda: empty_user(lay, dtype), weight,
                               bias, saved[0], saved[2], saved[3], saved[4], True, need_dx,
                               need_dweight, need_dbias, need_dres)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+from typing import TYPE_CHECKING
 
 import numba
 import numpy as np
@@ -19,6 +20,9 @@ from ._lanes import lanes, nchw_backward_lanes
 from ._nchw import nchw_apply, nchw_backward, nchw_partials
 from ._nhwc import nhwc_apply, nhwc_partials
 from ._nhwc_backward import nhwc_backward, nhwc_backward_apply
+
+if TYPE_CHECKING:
+    from ...layout import Layout
 
 _FUSED_CODES = (NONE, RELU)  # activations whose backward the lane blocks fuse
 # Split a channel into chunks only when there are fewer than this many channels per thread.
@@ -120,28 +124,29 @@ def _np(t: Tensor) -> np.ndarray:
 _LAST_AXES = {d: (0, *range(2, d), 1) for d in range(3, 9)}
 
 
-def flat_in(t: Tensor, last: bool) -> np.ndarray | None:
-    """Flat NumPy view of a user-shaped tensor in its canonical order (channels innermost when
-    ``last``; else the tensor's own order), or ``None`` when its memory is not in that order.
-
-    The same elements :func:`batchnorm.layout.Layout.canonical` then :func:`_np` give, without
-    the two tensor views (each a dispatch, and costly once a model's large ops have evicted
-    that code: docs/decisions.md, "The CPU short path views the user's tensors in NumPy")."""
-    a = (t.detach() if t.requires_grad else t).numpy()
-    if last:
-        a = a.transpose(_LAST_AXES.get(a.ndim) or (0, *range(2, a.ndim), 1))
-    return a.reshape(-1) if a.flags.c_contiguous else None
+def _in_order(a: np.ndarray, last: bool) -> np.ndarray:
+    """``a`` (a user-shaped array) with its axes in canonical order: channels innermost when
+    ``last``."""
+    return a.transpose(_LAST_AXES.get(a.ndim) or (0, *range(2, a.ndim), 1)) if last else a
 
 
-def empty_user(shape: tuple[int, ...], strides: tuple[int, ...], dtype: torch.dtype,
-               last: bool) -> tuple[Tensor, np.ndarray]:
-    """A new tensor of the user's shape and ``strides`` (a layout's dense strides) and its flat
-    NumPy view in canonical order."""
-    t = torch.empty_strided(shape, strides, dtype=dtype)
-    a = t.numpy()
-    if last:
-        a = a.transpose(_LAST_AXES.get(a.ndim) or (0, *range(2, a.ndim), 1))
-    return t, a.reshape(-1)
+def flat_in(t: Tensor, lay: Layout) -> np.ndarray:
+    """Flat NumPy array of a user-shaped tensor in ``lay``'s canonical order: a view where the
+    memory is in that order, else :meth:`~batchnorm.layout.Layout.canonical`'s one copy.
+
+    The same elements ``Layout.canonical`` then :func:`_np` give, without the two tensor views
+    (each a dispatch, and costly once a model's large ops have evicted that code:
+    docs/decisions.md, "The CPU short path views the user's tensors in NumPy")."""
+    a = _in_order((t.detach() if t.requires_grad else t).numpy(), lay.kind == "last")
+    return a.reshape(-1) if a.flags.c_contiguous else _np(lay.canonical(t))
+
+
+def empty_user(lay: Layout, dtype: torch.dtype) -> tuple[Tensor, np.ndarray]:
+    """A new tensor of ``lay``'s user shape with its dense strides (what
+    :meth:`~batchnorm.layout.Layout.restore` gives) and its flat NumPy view in canonical
+    order."""
+    t = torch.empty_strided(lay.shape, lay.strides, dtype=dtype)
+    return t, _in_order(t.numpy(), lay.kind == "last").reshape(-1)
 
 
 def _acc(t: Tensor, dtype: np.dtype) -> np.ndarray:
