@@ -43,16 +43,20 @@ class Layout:
         """The strides of a dense tensor of the user's shape in this layout's memory order."""
         return _strides(self.kind, self.shape)  # cached: a layer sees few shapes
 
+    @property
+    def canonical_shape(self) -> tuple[int, ...]:
+        """The shape of the canonical form: ``(M, C)``, ``(N, C)`` or ``(N, C, S)``."""
+        return _canonical_shape(self.kind, self.shape)  # cached, as the strides
+
     def canonical(self, t: Tensor) -> Tensor:
         """``t`` (the user's shape, any memory format) in this canonical form; a copy only when
         its memory order is not this layout's."""
-        n, c = self.shape[0], self.shape[1]
-        s = math.prod(self.shape[2:])
+        shape = self.canonical_shape
         if self.kind == "last":
-            return t.permute(0, *range(2, t.dim()), 1).reshape(n * s, c)
+            return t.permute(0, *range(2, t.dim()), 1).reshape(shape)
         if not t.is_contiguous():
             t = t.contiguous()
-        return t.view(n, c) if self.kind == "nc" else t.view(n, c, s)
+        return t.view(shape)
 
     def restore(self, y: Tensor) -> Tensor:
         """A canonical result ``y`` in the user's shape and memory format, as a tensor that is
@@ -66,6 +70,12 @@ class Layout:
         if y.shape == self.shape:
             return y
         return y.as_strided(self.shape, self.strides, y.storage_offset())
+
+
+@functools.lru_cache(maxsize=1024)
+def _canonical_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    n, c, s = shape[0], shape[1], math.prod(shape[2:])
+    return (n * s, c) if kind == "last" else (n, c) if kind == "nc" else (n, c, s)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -34,8 +34,6 @@ Supported: CPU float32 and float64 tensors. float16/bfloat16 are left to the ref
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 from collections.abc import Callable
 
@@ -241,7 +239,7 @@ class CpuBackend(Backend):
         # a copy only for a tensor not in the layout's order: a gradient in another memory
         # format, an input the forward had to make dense
         rf = None if residual is None else flat_in(residual, lay)
-        args = _Args.of(flat_in(x, lay), rf, _canonical_shape(lay.kind, lay.shape), act, slope)
+        args = _Args.of(flat_in(x, lay), rf, lay.canonical_shape, act, slope)
         dtype = x.dtype
         return self._backward(args, flat_in(grad_y, lay), lambda: empty_user(lay, dtype), weight,
                               bias, saved[0], saved[2], saved[3], saved[4], True, need_dx,
@@ -303,13 +301,6 @@ def _like(x: Tensor) -> Callable[[], tuple[Tensor, np.ndarray]]:
         t = torch.empty_like(x)
         return t, _np(t)
     return alloc
-
-
-@functools.lru_cache(maxsize=256)
-def _canonical_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The canonical shape (:mod:`batchnorm.layout`) of a user's ``shape``."""
-    n, c, s = shape[0], shape[1], math.prod(shape[2:])
-    return (n * s, c) if kind == "last" else (n, c) if kind == "nc" else (n, c, s)
 
 
 def _to(a: np.ndarray, dtype: torch.dtype) -> Tensor:
