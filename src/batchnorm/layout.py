@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["Layout", "canonicalize", "empty_output"]
+__all__ = ["Layout", "canonicalize", "empty_output", "last_order"]
 
 
 class Layout:
@@ -53,7 +53,7 @@ class Layout:
         its memory order is not this layout's."""
         shape = self.canonical_shape
         if self.kind == "last":
-            return t.permute(0, *range(2, t.dim()), 1).reshape(shape)
+            return t.permute(last_order(t.dim())).reshape(shape)
         if not t.is_contiguous():
             t = t.contiguous()
         return t.view(shape)
@@ -72,6 +72,13 @@ class Layout:
         return y.as_strided(self.shape, self.strides, y.storage_offset())
 
 
+@functools.lru_cache(maxsize=16)
+def last_order(ndim: int) -> tuple[int, ...]:
+    """The dimensions of an ``ndim``-D ``(N, C, *spatial)`` tensor with the channels innermost:
+    the order of a ``"last"`` layout's memory, outermost first."""
+    return (0, *range(2, ndim), 1)
+
+
 @functools.lru_cache(maxsize=1024)
 def _canonical_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     n, c, s = shape[0], shape[1], math.prod(shape[2:])
@@ -83,7 +90,7 @@ def _strides(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The strides of a dense tensor of ``shape`` in the layout's memory order."""
     if kind != "last":
         return _contiguous_strides(shape)
-    order = (0, *range(2, len(shape)), 1)  # outermost to innermost
+    order = last_order(len(shape))  # outermost to innermost
     strides = [0] * len(shape)
     step = 1
     for d in reversed(order):
@@ -131,7 +138,7 @@ def layout_of(x: Tensor) -> Layout:
     if x.dim() == 2 or (math.prod(shape[2:]) == 1 and x.is_contiguous()):
         return Layout("nc", shape)
     channels_last = not x.is_contiguous() or (x.numel() == 0 and _empty_channels_last(x))
-    if channels_last and x.permute(0, *range(2, x.dim()), 1).is_contiguous():
+    if channels_last and x.permute(last_order(x.dim())).is_contiguous():
         return Layout("last", shape)
     return Layout("first", shape)
 

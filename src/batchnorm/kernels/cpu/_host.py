@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ...layout import last_order
 from ._act_grad import nchw_act_grad, nhwc_act_grad
 from ._activations import CODES, NONE, RELU
 from ._lanes import lanes, nchw_backward_lanes
@@ -120,14 +121,10 @@ def _np(t: Tensor) -> np.ndarray:
     return a if a.ndim == 1 else a.reshape(-1)
 
 
-#: numpy axes that put a channels-last tensor's channels innermost, by rank
-_LAST_AXES = {d: (0, *range(2, d), 1) for d in range(3, 9)}
-
-
 def _in_order(a: np.ndarray, last: bool) -> np.ndarray:
     """``a`` (a user-shaped array) with its axes in canonical order: channels innermost when
     ``last``."""
-    return a.transpose(_LAST_AXES.get(a.ndim) or (0, *range(2, a.ndim), 1)) if last else a
+    return a.transpose(last_order(a.ndim)) if last else a
 
 
 def flat_in(t: Tensor, lay: Layout) -> np.ndarray:
