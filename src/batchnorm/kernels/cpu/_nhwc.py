@@ -142,7 +142,30 @@ def _nhwc_apply_rows(x, y, r, has_res, C, r0, r1, k, dl, scale, shift, code, slo
     simple = code == NONE or code == RELU  # noqa: SIM109 (kept plain for Numba)
     lin = code if simple else NONE
     row = r0
-    if not has_res:
+    if not has_res and lin == NONE:
+        # no activation (convert_model's layers, whose activation is a module of its own): the
+        # loop without the select
+        while row + 4 <= r1:
+            o = row * C
+            x0 = x[o:o + C]
+            x1 = x[o + C:o + 2 * C]
+            x2 = x[o + 2 * C:o + 3 * C]
+            x3 = x[o + 3 * C:o + 4 * C]
+            y0 = y[o:o + C]
+            y1 = y[o + C:o + 2 * C]
+            y2 = y[o + 2 * C:o + 3 * C]
+            y3 = y[o + 3 * C:o + 4 * C]
+            for c in range(C):
+                kc = k[c]
+                dc = dl[c]
+                s = scale[c]
+                h = shift[c]
+                y0[c] = ((x0[c] - kc) - dc) * s + h
+                y1[c] = ((x1[c] - kc) - dc) * s + h
+                y2[c] = ((x2[c] - kc) - dc) * s + h
+                y3[c] = ((x3[c] - kc) - dc) * s + h
+            row += 4
+    elif not has_res:
         while row + 4 <= r1:
             o = row * C
             x0 = x[o:o + C]

@@ -66,7 +66,27 @@ def _nhwc_block_sums(dy, x, r, has_res, C, r0, r1, mean, scale, shift, code, slo
     rgx = np.zeros(C, dtype=x.dtype)
     cnt = 0
     row = r0
-    if code == NONE or code == RELU:  # noqa: SIM109 (kept plain for Numba)
+    if code == NONE and not has_res:
+        # g = dy: the loop of a layer whose activation runs as its own module (what
+        # convert_model gives), without the select and the masked loads of the general loop
+        while row + 2 <= r1:
+            o = row * C
+            x0 = x[o:o + C]
+            x1 = x[o + C:o + 2 * C]
+            d0 = dy[o:o + C]
+            d1 = dy[o + C:o + 2 * C]
+            for c in range(C):
+                e0 = x0[c] - mean[c]
+                e1 = x1[c] - mean[c]
+                rg[c] += d0[c] + d1[c]
+                rgx[c] += d0[c] * e0 + d1[c] * e1
+            row += 2
+            cnt += 2
+            if cnt >= _FLUSH_ROWS:
+                _flush(tg, rg, C, z)
+                _flush(tgx, rgx, C, z)
+                cnt = 0
+    elif code == NONE or code == RELU:  # noqa: SIM109 (kept plain for Numba)
         # g computed in the accumulation loop, two rows per sweep of the channel vectors
         while row + 2 <= r1:
             o = row * C
@@ -112,6 +132,15 @@ def _nhwc_block_sums(dy, x, r, has_res, C, r0, r1, mean, scale, shift, code, slo
 @_njit_called
 def _nhwc_dx_rows(dy, x, r, has_res, C, r0, r1, mean, scale, shift, code, slope, a, rb,
                   need_dx, need_dres, dx, dres, z):
+    if code == NONE and not has_res and need_dx and not need_dres:
+        for row in range(r0, r1):  # g = dy (as in the sums)
+            o = row * C
+            x0 = x[o:o + C]
+            d0 = dy[o:o + C]
+            o0 = dx[o:o + C]
+            for c in range(C):
+                o0[c] = scale[c] * (d0[c] - a[c] - (x0[c] - mean[c]) * rb[c])
+        return
     if (code == NONE or code == RELU) and need_dx:  # noqa: SIM109 (kept plain for Numba)
         # g computed in the dx loop, one row per sweep (two rows, as in the sums, were slower
         # here: one more output and three more inputs in the loop; docs/decisions.md,
