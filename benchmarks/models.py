@@ -4,6 +4,7 @@ after ``fuse`` (and, with ``--compile``, ``torch.compile`` of PyTorch's model).
     python benchmarks/models.py                      # writes benchmarks/results/models.json
     python benchmarks/models.py --models resnet18 --layouts nhwc --rounds 5 --out /tmp/m.json
     python benchmarks/models.py --compile            # adds torch.compile (slow to compile)
+    python benchmarks/models.py --variants torch_fn  # PyTorch's kernels behind a Python Function
     THP_MEM_ALLOC_ENABLE=1 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 \
         python benchmarks/models.py --out benchmarks/results/models_alloc.json
 
@@ -60,8 +61,10 @@ MODELS = {
     "efficientnet_b0": "efficientnet_b0",
 }
 VARIANTS = ("torch", "convert", "fuse")
-# on request (--variants): fuse with the memory mode save="output" (benchmarks/bench_memory.py)
-EXTRA_VARIANTS = ("fuse_output",)
+# on request (--variants): fuse with the memory mode save="output" (benchmarks/bench_memory.py);
+# torch_fn, PyTorch's own kernels behind a Python autograd.Function per layer (the floor of a
+# layer defined in Python: what the Function machinery alone adds to PyTorch's model)
+EXTRA_VARIANTS = ("fuse_output", "torch_fn")
 # conv/linear kernels and their backward, the optimizer: time we do not control
 _NOT_OURS = ("conv", "Conv", "mkldnn", "addmm", "aten::linear", "aten::matmul", "Optimizer",
              "sgd", "_foreach", "cross_entropy", "nll_loss", "log_softmax", "LogSoftmax",
@@ -78,9 +81,50 @@ def _not_ours(key: str) -> bool:
 _ALLOCATOR_ENV = ("THP_MEM_ALLOC_ENABLE", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 
+class _TorchKernels(torch.autograd.Function):
+    """PyTorch's training batch-norm kernels (``_native_batch_norm_legit`` and
+    ``native_batch_norm_backward``, running statistics updated by the kernel) behind a Python
+    ``autograd.Function``: the same kernels as PyTorch's layer, the call path of ours."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):  # type: ignore[override]
+        y, mean, invstd = torch.ops.aten._native_batch_norm_legit(
+            x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+            grad_y, x, weight, None, None, mean, invstd, True, ctx.eps,
+            list(ctx.needs_input_grad[:3]))
+        return dx, dw, db, None, None, None, None
+
+
+class _TorchFnBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose training call goes through :class:`_TorchKernels`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.running_mean is None or self.momentum is None:
+            return super().forward(x)
+        self.num_batches_tracked.add_(1)
+        return _torch_kernels(x, self.weight, self.bias,  # type: ignore[no-any-return]
+                              self.running_mean, self.running_var, self.momentum, self.eps)
+
+
+# the Function's C entry, as batchnorm.ops.fast_train calls its own (no Python wrapper)
+_torch_kernels = torch._C._FunctionBase.__dict__["apply"].__get__(None, _TorchKernels)
+
+
 def build(name: str, variant: str, base: nn.Module, example: torch.Tensor) -> nn.Module:
     model = copy.deepcopy(base)
-    if variant == "convert":
+    if variant == "torch_fn":
+        for m in model.modules():
+            if type(m) is nn.BatchNorm2d:
+                m.__class__ = _TorchFnBatchNorm2d
+    elif variant == "convert":
         model = batchnorm.convert_model(model)
     elif variant == "fuse":
         model, _report = batchnorm.fuse(model, example_input=example)
