@@ -401,3 +401,56 @@ def test_super_rows_choice_and_agreement(shape, g, monkeypatch):
     plain = CPU.backward(*args)
     for a, e in zip(grouped, plain, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(70001, 3), (9001, 64), (4099, 96), (4099, 97), (301, 40)],
+                         ids=["C=3", "C=64", "C=96", "C=97 whole blocks", "one short block"])
+def test_channels_last_partials_in_runs_against_float64(shape, dtype, monkeypatch):
+    """Channels-last block partials taken in runs of rows (narrow tensors) and over whole blocks
+    (the wider ones, and every width with runs turned off) agree with a float64 oracle and with
+    each other, with |mean|/std = 1e3 and a first row (the shift) far out in the tail."""
+    from batchnorm.kernels.cpu import _host
+
+    m, c = shape
+    assert (_host.sub_rows(c, dtype.itemsize) > 0) == (c <= _host._SUB_MAX_C)
+    g = torch.Generator().manual_seed(c)
+    x = (1e3 + torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    x[0] += 40.0  # the shift K (first row) 40 std from the mean
+    x64 = x.double()
+    mean64, var64 = x64.mean(0), x64.var(0, unbiased=False)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        _, mean, _, var = CPU.forward_train(x, None, None, None, 1e-5, "none", 0.0)
+        mu, v, _ = S.finalize(CPU.stats(x), 1e-5)
+        return mean, var, mu, v
+
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    runs = run()
+    monkeypatch.setattr(_host, "_SUB_MAX_C", 0)
+    _host.sub_rows.cache_clear()
+    try:
+        blocks = run()
+    finally:
+        monkeypatch.undo()
+        _host.sub_rows.cache_clear()
+    for got in (runs, blocks):
+        mean, var, mu, v = got
+        torch.testing.assert_close(mean.double(), mean64, rtol=rtol, atol=0)
+        torch.testing.assert_close(mu.double(), mean64, rtol=rtol, atol=0)
+        torch.testing.assert_close(var.double(), var64, rtol=50 * rtol, atol=0)
+        torch.testing.assert_close(v.double(), var64, rtol=50 * rtol, atol=0)
+    for a, b in zip(runs, blocks, strict=True):
+        torch.testing.assert_close(a, b, rtol=50 * rtol, atol=0)
+    if c > _host._SUB_MAX_C:  # the same path both times
+        assert all(torch.equal(a, b) for a, b in zip(runs, blocks, strict=True))
+
+
+def test_channels_last_runs_propagate_nan():
+    """A NaN in one run of one channel reaches that channel's mean and variance only."""
+    x = torch.randn(5003, 8)
+    x[4001, 5] = float("nan")
+    _, mean, _, var = CPU.forward_train(x, None, None, None, 1e-5, "none", 0.0)
+    assert torch.isnan(mean[5]) and torch.isnan(var[5])
+    keep = [i for i in range(8) if i != 5]
+    assert torch.isfinite(mean[keep]).all() and torch.isfinite(var[keep]).all()

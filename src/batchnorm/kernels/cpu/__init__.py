@@ -54,6 +54,7 @@ from ._host import (
     flat_in,
     nchw_chunks,
     nhwc_blocks,
+    sub_rows,
     super_rows,
 )
 from ._lanes import lanes, nchw_forward_lanes
@@ -63,7 +64,7 @@ from ._nhwc_backward import nhwc_backward_apply
 from ._running import running_blend
 
 __all__ = ["CpuBackend", "BACKEND", "SERIAL_ELEMENTS", "SERIAL_ELEMENTS_LAST", "nchw_chunks",
-           "nhwc_blocks", "super_rows"]
+           "nhwc_blocks", "sub_rows", "super_rows"]
 
 _DTYPES = (torch.float32, torch.float64)
 _NP_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -212,9 +213,10 @@ class CpuBackend(Backend):
                              weight is not None, bias is not None, dt.type(eps), args.code,
                              args.slope, stat, part[0], part[1], part[2])
             else:
-                nhwc_forward(args.x, yf, args.r, args.has_res, args.m, c, p, w, b,
-                             weight is not None, bias is not None, dt.type(eps), args.code,
-                             args.slope, stat, part[0], part[1], part[2])
+                nhwc_forward(args.x, yf, args.r, args.has_res, args.m, c, p,
+                             sub_rows(c, dt.itemsize), w, b, weight is not None,
+                             bias is not None, dt.type(eps), args.code, args.slope, stat,
+                             part[0], part[1], part[2])
         if running is not None and running.mean.dtype == dt and running.var.dtype == dt:
             # the update in the same call's wake: mean and var·bessel straight from the stat
             running.ok = bool(running_blend(running.mean, running.var, stat[0], stat[1],

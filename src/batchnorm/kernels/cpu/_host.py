@@ -17,6 +17,7 @@ from torch import Tensor
 from ...layout import last_order
 from ._act_grad import nchw_act_grad, nhwc_act_grad
 from ._activations import CODES, NONE, RELU
+from ._jit import _FLUSH_ROWS
 from ._lanes import lanes, nchw_backward_lanes
 from ._nchw import nchw_apply, nchw_backward, nchw_partials
 from ._nhwc import nhwc_apply, nhwc_partials
@@ -110,6 +111,24 @@ def nhwc_blocks(m: int, c: int, threads: int) -> int:
     return max(1, min(p, m))
 
 
+#: channels-last tensors of at most this many channels take their block partials in runs of
+#: :func:`sub_rows` rows, each run's two passes from L1 (the whole block's second pass reads L2);
+#: wider tensors gain nothing from it and lose to the merges (docs/decisions.md, "Channels-last
+#: block partials in runs of rows")
+_SUB_MAX_C = 96
+_SUB_BYTES = 16384  # a run: 16 KB, L1-resident with the per-channel vectors
+
+
+@functools.lru_cache(maxsize=256)
+def sub_rows(c: int, itemsize: int) -> int:
+    """Rows per run of the channels-last block partials (a multiple of 4, at most
+    ``_FLUSH_ROWS``: a run is summed in the tensor's dtype), or 0 (two passes over each whole
+    block); a function of the shape and dtype only, as the results are."""
+    if c > _SUB_MAX_C:
+        return 0
+    return max(4, min(_FLUSH_ROWS, _SUB_BYTES // (itemsize * max(c, 1)) // 4 * 4))
+
+
 def _np(t: Tensor) -> np.ndarray:
     """Flat NumPy view of a contiguous CPU tensor (a copy only if it is not contiguous).
 
@@ -201,7 +220,8 @@ class _Args:
         if self.first:
             nchw_partials(self.x, self.n, self.c, self.s, self.p, cnt, mean, m2)
         else:
-            nhwc_partials(self.x, self.m, self.c, self.p, cnt, mean, m2)
+            nhwc_partials(self.x, self.m, self.c, self.p, sub_rows(self.c, self.dt.itemsize),
+                          cnt, mean, m2)
         return cnt, mean, m2
 
     def apply(self, y: np.ndarray, mean: np.ndarray, scale: np.ndarray,

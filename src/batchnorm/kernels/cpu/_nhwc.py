@@ -2,7 +2,9 @@
 
 Training forward: per-block shifted partials (the shift ``K``: the first row), the fixed-order
 Chan merge of :mod:`._segments` run along the channels, then the output
-``y = act(((x - K) - δ)·scale + shift [+ r])``: two parallel regions, ``x`` read twice. Partials
+``y = act(((x - K) - δ)·scale + shift [+ r])``: two parallel regions, ``x`` read twice. A block's
+partials take two passes over it (the second from L2), or, for narrow tensors, two passes over
+each run of ``R`` rows (from L1) merged into the block's by the Chan formula. Partials
 are block-major (item ``p*C + c``): each block writes its own contiguous run, no cache line
 shared between threads. The backward is in :mod:`._nhwc_backward`. Common arguments:
 
@@ -20,7 +22,7 @@ import numpy as np
 from numba import prange
 
 from ._activations import NONE, RELU, _act_run
-from ._jit import _FLUSH_ROWS, _njit_inline, _parallel
+from ._jit import _FLUSH_ROWS, _njit_called, _njit_inline, _parallel
 from ._segments import _finalize
 
 # Rows are taken four at a time: the per-channel vectors (shift, accumulators, scale, ...) are
@@ -99,6 +101,88 @@ def _nhwc_block_partials(x, C, r0, r1, k, dlt_o, m2_o, P, p, z):
             cnt = 0
     for c in range(C):
         m2_o[p * C + c] = tot[c]
+
+
+@_njit_called
+def _nhwc_sub_partials(x, C, r0, r1, k, dlt_o, m2_o, p, R, z):
+    """:func:`_nhwc_block_partials` taken ``R`` rows at a time: each run of ``R`` rows (a few
+    KB, held in L1) gets its own two passes, its shifted mean ``d`` and ``Σ((x - K) - d)²``,
+    and the runs are merged into the block's float64 ``(δ, m2)`` by the Chan formula, in
+    ascending order. ``x`` is then read from memory (or L2) once, not twice."""
+    dlt = np.zeros(C)
+    q = np.zeros(C)
+    run = np.empty(C, dtype=x.dtype)
+    d = np.empty(C, dtype=x.dtype)
+    n_b = 0
+    row0 = r0
+    while row0 < r1:
+        row1 = min(row0 + R, r1)
+        for c in range(C):
+            run[c] = z
+        row = row0
+        while row + 4 <= row1:
+            x0 = x[row * C:(row + 1) * C]
+            x1 = x[(row + 1) * C:(row + 2) * C]
+            x2 = x[(row + 2) * C:(row + 3) * C]
+            x3 = x[(row + 3) * C:(row + 4) * C]
+            for c in range(C):
+                kc = k[c]
+                run[c] += ((x0[c] - kc) + (x1[c] - kc)) + ((x2[c] - kc) + (x3[c] - kc))
+            row += 4
+        while row < row1:
+            x0 = x[row * C:(row + 1) * C]
+            for c in range(C):
+                run[c] += x0[c] - k[c]
+            row += 1
+        n = row1 - row0
+        for c in range(C):
+            d[c] = run[c] / n
+            run[c] = z
+        row = row0
+        while row + 4 <= row1:
+            x0 = x[row * C:(row + 1) * C]
+            x1 = x[(row + 1) * C:(row + 2) * C]
+            x2 = x[(row + 2) * C:(row + 3) * C]
+            x3 = x[(row + 3) * C:(row + 4) * C]
+            for c in range(C):
+                kc = k[c]
+                dc = d[c]
+                e0 = (x0[c] - kc) - dc
+                e1 = (x1[c] - kc) - dc
+                e2 = (x2[c] - kc) - dc
+                e3 = (x3[c] - kc) - dc
+                run[c] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
+            row += 4
+        while row < row1:
+            x0 = x[row * C:(row + 1) * C]
+            for c in range(C):
+                e = (x0[c] - k[c]) - d[c]
+                run[c] += e * e
+            row += 1
+        # Chan's merge of (n, d, run) into the block's (n_b, dlt, q), in float64; the run's
+        # centre is the rounded d itself, so its m2 is exact about the value merged
+        n_a = n_b
+        n_b += n
+        f_new = n / n_b
+        f_ab = n_a * (n / n_b)
+        for c in range(C):
+            dd = np.float64(d[c]) - dlt[c]
+            dlt[c] += dd * f_new
+            q[c] += np.float64(run[c]) + dd * dd * f_ab
+        row0 = row1
+    for c in range(C):
+        dlt_o[p * C + c] = dlt[c]
+        m2_o[p * C + c] = q[c]
+
+
+@_njit_inline
+def _block_partials(x, C, r0, r1, k, dlt_o, m2_o, P, p, R, z):
+    """The block's shifted partials: in runs of ``R`` rows (``R > 0``) or in two passes over
+    the whole block (``R == 0``)."""
+    if R > 0:
+        _nhwc_sub_partials(x, C, r0, r1, k, dlt_o, m2_o, p, R, z)
+    else:
+        _nhwc_block_partials(x, C, r0, r1, k, dlt_o, m2_o, P, p, z)
 
 
 @_njit_inline
@@ -221,7 +305,7 @@ def _nhwc_apply_rows(x, y, r, has_res, C, r0, r1, k, dl, scale, shift, code, slo
 
 
 @_parallel
-def nhwc_forward(x, y, r, has_res, M, C, P, w, bias, has_w, has_b, eps, code, slope, stat,
+def nhwc_forward(x, y, r, has_res, M, C, P, R, w, bias, has_w, has_b, eps, code, slope, stat,
                  cnt, dlt, m2):
     """Training forward: block partials (shift ``K``: the first row), merge, output; two
     regions.
@@ -235,6 +319,8 @@ def nhwc_forward(x, y, r, has_res, M, C, P, w, bias, has_w, has_b, eps, code, sl
         M, C: the channels-last shape (rows, channels).
         P: row blocks (``cpu.nhwc_blocks``); block ``p`` holds the rows
             ``[p*M//P, (p+1)*M//P)``.
+        R: rows per run of the block partials (``cpu.sub_rows``), or 0: two passes over the
+            whole block.
         w, bias: γ and β, ``(C,)`` in ``x``'s dtype; any ``(C,)`` array of that dtype where
             ``has_w``/``has_b`` is False.
         has_w, has_b: whether the layer has γ / β (else 1 / 0).
@@ -249,7 +335,7 @@ def nhwc_forward(x, y, r, has_res, M, C, P, w, bias, has_w, has_b, eps, code, sl
     z = x.dtype.type(0.0)
     k = x[0:C]
     for p in prange(P):
-        _nhwc_block_partials(x, C, p * M // P, (p + 1) * M // P, k, dlt, m2, P, p, z)
+        _block_partials(x, C, p * M // P, (p + 1) * M // P, k, dlt, m2, P, p, R, z)
     _merge_blocks(dlt, m2, M, C, P, k, w, bias, has_w, has_b, eps, stat, cnt)
     dl = np.empty(C, dtype=x.dtype)
     sc = np.empty(C, dtype=x.dtype)
@@ -264,7 +350,7 @@ def nhwc_forward(x, y, r, has_res, M, C, P, w, bias, has_w, has_b, eps, code, sl
 
 
 @_parallel
-def nhwc_partials(x, M, C, P, cnt_o, mean_o, m2_o):
+def nhwc_partials(x, M, C, P, R, cnt_o, mean_o, m2_o):
     """Per-(row block, channel) partials ``(n, mean, m2)``, item ``p*C + c`` (the
     distributed path merges them with :func:`batchnorm.stats.merge_many`).
 
@@ -273,6 +359,7 @@ def nhwc_partials(x, M, C, P, cnt_o, mean_o, m2_o):
         M, C: the channels-last shape (rows, channels).
         P: row blocks (``cpu.nhwc_blocks``); block ``p`` holds the rows
             ``[p*M//P, (p+1)*M//P)``.
+        R: rows per run of the block partials (``cpu.sub_rows``), or 0.
         cnt_o, mean_o, m2_o: ``C*P`` float64, written: count, mean and ``Σ(x - mean)²`` of
             each block.
     """
@@ -281,7 +368,7 @@ def nhwc_partials(x, M, C, P, cnt_o, mean_o, m2_o):
     for p in prange(P):
         r0 = p * M // P
         r1 = (p + 1) * M // P
-        _nhwc_block_partials(x, C, r0, r1, k, mean_o, m2_o, P, p, z)
+        _block_partials(x, C, r0, r1, k, mean_o, m2_o, P, p, R, z)
         for c in range(C):
             mean_o[p * C + c] += k[c]
             cnt_o[p * C + c] = r1 - r0
