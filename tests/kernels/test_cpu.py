@@ -405,15 +405,20 @@ def test_super_rows_choice_and_agreement(shape, g, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(70001, 3), (9001, 64), (4099, 96), (4099, 97), (301, 40)],
-                         ids=["C=3", "C=64", "C=96", "C=97 whole blocks", "one short block"])
+                         ids=["C=3", "C=64", "C=96", "C=97 long runs", "one short block"])
 def test_channels_last_partials_in_runs_against_float64(shape, dtype, monkeypatch):
-    """Channels-last block partials taken in runs of rows (narrow tensors) and over whole blocks
-    (the wider ones, and every width with runs turned off) agree with a float64 oracle and with
-    each other, with |mean|/std = 1e3 and a first row (the shift) far out in the tail."""
+    """Channels-last block partials in short runs of rows (narrow tensors) and in runs of
+    ``_FLUSH_ROWS`` (the wider ones, and every width with short runs turned off) agree with a
+    float64 oracle and with each other, with |mean|/std = 1e3 and a first row (the shift) far
+    out in the tail; one short block is a single run."""
     from batchnorm.kernels.cpu import _host
 
     m, c = shape
-    assert (_host.sub_rows(c, dtype.itemsize) > 0) == (c <= _host._SUB_MAX_C)
+    from batchnorm.kernels.cpu._jit import _FLUSH_ROWS
+
+    short = _host.sub_rows(c, dtype.itemsize)
+    assert (short < _FLUSH_ROWS) == (c <= _host._SUB_MAX_C and c * dtype.itemsize > 64)
+    assert short % 4 == 0 and 4 <= short <= _FLUSH_ROWS
     g = torch.Generator().manual_seed(c)
     x = (1e3 + torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
     x[0] += 40.0  # the shift K (first row) 40 std from the mean

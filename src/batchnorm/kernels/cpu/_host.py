@@ -111,21 +111,21 @@ def nhwc_blocks(m: int, c: int, threads: int) -> int:
     return max(1, min(p, m))
 
 
-#: channels-last tensors of at most this many channels take their block partials in runs of
-#: :func:`sub_rows` rows, each run's two passes from L1 (the whole block's second pass reads L2);
-#: wider tensors gain nothing from it and lose to the merges (docs/decisions.md, "Channels-last
-#: block partials in runs of rows")
+#: channels-last block partials are taken in runs of :func:`sub_rows` rows: for at most this
+#: many channels runs of :data:`_SUB_BYTES`, whose second pass reads L1 (the whole block's reads
+#: L2); wider tensors gain nothing from short runs and lose to their merges, and take runs of
+#: ``_FLUSH_ROWS`` (docs/decisions.md, "Channels-last block partials in runs of rows")
 _SUB_MAX_C = 96
 _SUB_BYTES = 16384  # a run: 16 KB, L1-resident with the per-channel vectors
 
 
 @functools.lru_cache(maxsize=256)
 def sub_rows(c: int, itemsize: int) -> int:
-    """Rows per run of the channels-last block partials (a multiple of 4, at most
-    ``_FLUSH_ROWS``: a run is summed in the tensor's dtype), or 0 (two passes over each whole
-    block); a function of the shape and dtype only, as the results are."""
+    """Rows per run of the channels-last block partials: a multiple of 4, at most
+    ``_FLUSH_ROWS`` (a run is summed in the tensor's dtype); a function of the shape and dtype
+    only, as the results are."""
     if c > _SUB_MAX_C:
-        return 0
+        return _FLUSH_ROWS
     return max(4, min(_FLUSH_ROWS, _SUB_BYTES // (itemsize * max(c, 1)) // 4 * 4))
 
 

@@ -3,8 +3,8 @@
 Training forward: per-block shifted partials (the shift ``K``: the first row), the fixed-order
 Chan merge of :mod:`._segments` run along the channels, then the output
 ``y = act(((x - K) - δ)·scale + shift [+ r])``: two parallel regions, ``x`` read twice. A block's
-partials take two passes over it (the second from L2), or, for narrow tensors, two passes over
-each run of ``R`` rows (from L1) merged into the block's by the Chan formula. Partials
+partials take two passes over each run of ``R`` rows (for narrow tensors a few KB, from L1),
+merged into the block's by the Chan formula. Partials
 are block-major (item ``p*C + c``): each block writes its own contiguous run, no cache line
 shared between threads. The backward is in :mod:`._nhwc_backward`. Common arguments:
 
@@ -22,7 +22,7 @@ import numpy as np
 from numba import prange
 
 from ._activations import NONE, RELU, _act_run
-from ._jit import _FLUSH_ROWS, _njit_called, _njit_inline, _parallel
+from ._jit import _njit_called, _njit_inline, _parallel
 from ._segments import _finalize
 
 # Rows are taken four at a time: the per-channel vectors (shift, accumulators, scale, ...) are
@@ -36,79 +36,17 @@ def _flush(tot, run, C, z):
         run[c] = z
 
 
-@_njit_inline
-def _nhwc_block_partials(x, C, r0, r1, k, dlt_o, m2_o, P, p, z):
-    """Shifted partials of rows ``[r0, r1)``: ``δ`` and ``m2`` per channel into item ``p*C+c``
-    (block-major: each block writes its own contiguous run, no cache line shared between
-    threads)."""
-    tot = np.zeros(C)
-    run = np.zeros(C, dtype=x.dtype)
-    cnt = 0
-    row = r0
-    while row < r1:
-        if row + 4 <= r1:
-            x0 = x[row * C:(row + 1) * C]
-            x1 = x[(row + 1) * C:(row + 2) * C]
-            x2 = x[(row + 2) * C:(row + 3) * C]
-            x3 = x[(row + 3) * C:(row + 4) * C]
-            for c in range(C):
-                kc = k[c]
-                run[c] += ((x0[c] - kc) + (x1[c] - kc)) + ((x2[c] - kc) + (x3[c] - kc))
-            row += 4
-            cnt += 4
-        else:
-            x0 = x[row * C:(row + 1) * C]
-            for c in range(C):
-                run[c] += x0[c] - k[c]
-            row += 1
-            cnt += 1
-        if cnt >= _FLUSH_ROWS or row == r1:  # flush the acc-dtype run into float64
-            _flush(tot, run, C, z)
-            cnt = 0
-    n = r1 - r0
-    dl = np.empty(C, dtype=x.dtype)
-    for c in range(C):
-        d = tot[c] / n
-        dlt_o[p * C + c] = d
-        dl[c] = d
-        tot[c] = 0.0
-    row = r0
-    while row < r1:
-        if row + 4 <= r1:
-            x0 = x[row * C:(row + 1) * C]
-            x1 = x[(row + 1) * C:(row + 2) * C]
-            x2 = x[(row + 2) * C:(row + 3) * C]
-            x3 = x[(row + 3) * C:(row + 4) * C]
-            for c in range(C):
-                kc = k[c]
-                dc = dl[c]
-                e0 = (x0[c] - kc) - dc
-                e1 = (x1[c] - kc) - dc
-                e2 = (x2[c] - kc) - dc
-                e3 = (x3[c] - kc) - dc
-                run[c] += (e0 * e0 + e1 * e1) + (e2 * e2 + e3 * e3)
-            row += 4
-            cnt += 4
-        else:
-            x0 = x[row * C:(row + 1) * C]
-            for c in range(C):
-                e = (x0[c] - k[c]) - dl[c]
-                run[c] += e * e
-            row += 1
-            cnt += 1
-        if cnt >= _FLUSH_ROWS or row == r1:
-            _flush(tot, run, C, z)
-            cnt = 0
-    for c in range(C):
-        m2_o[p * C + c] = tot[c]
-
-
 @_njit_called
-def _nhwc_sub_partials(x, C, r0, r1, k, dlt_o, m2_o, p, R, z):
-    """:func:`_nhwc_block_partials` taken ``R`` rows at a time: each run of ``R`` rows (a few
-    KB, held in L1) gets its own two passes, its shifted mean ``d`` and ``Σ((x - K) - d)²``,
-    and the runs are merged into the block's float64 ``(δ, m2)`` by the Chan formula, in
-    ascending order. ``x`` is then read from memory (or L2) once, not twice."""
+def _nhwc_block_partials(x, C, r0, r1, k, dlt_o, m2_o, p, R, z):
+    """Shifted partials of rows ``[r0, r1)`` into item ``p*C+c`` (block-major: each block
+    writes its own contiguous run, no cache line shared between threads): ``δ`` (the mean of
+    ``x - K``) and ``m2`` per channel, in float64.
+
+    The rows are taken ``R`` at a time (``cpu.sub_rows``; at most ``_FLUSH_ROWS``, summed in
+    the accumulation dtype): each run gets its own two passes, its shifted mean ``d`` and
+    ``Σ((x - K) - d)²``, and the runs are merged into the block's ``(δ, m2)`` by the Chan
+    formula, in ascending order. A narrow tensor's run is a few KB, so its second pass reads
+    L1 and the block's rows are read from memory once."""
     dlt = np.zeros(C)
     q = np.zeros(C)
     run = np.empty(C, dtype=x.dtype)
@@ -173,16 +111,6 @@ def _nhwc_sub_partials(x, C, r0, r1, k, dlt_o, m2_o, p, R, z):
     for c in range(C):
         dlt_o[p * C + c] = dlt[c]
         m2_o[p * C + c] = q[c]
-
-
-@_njit_inline
-def _block_partials(x, C, r0, r1, k, dlt_o, m2_o, P, p, R, z):
-    """The block's shifted partials: in runs of ``R`` rows (``R > 0``) or in two passes over
-    the whole block (``R == 0``)."""
-    if R > 0:
-        _nhwc_sub_partials(x, C, r0, r1, k, dlt_o, m2_o, p, R, z)
-    else:
-        _nhwc_block_partials(x, C, r0, r1, k, dlt_o, m2_o, P, p, z)
 
 
 @_njit_inline
@@ -319,8 +247,7 @@ def nhwc_forward(x, y, r, has_res, M, C, P, R, w, bias, has_w, has_b, eps, code,
         M, C: the channels-last shape (rows, channels).
         P: row blocks (``cpu.nhwc_blocks``); block ``p`` holds the rows
             ``[p*M//P, (p+1)*M//P)``.
-        R: rows per run of the block partials (``cpu.sub_rows``), or 0: two passes over the
-            whole block.
+        R: rows per run of the block partials (``cpu.sub_rows``).
         w, bias: γ and β, ``(C,)`` in ``x``'s dtype; any ``(C,)`` array of that dtype where
             ``has_w``/``has_b`` is False.
         has_w, has_b: whether the layer has γ / β (else 1 / 0).
@@ -335,7 +262,7 @@ def nhwc_forward(x, y, r, has_res, M, C, P, R, w, bias, has_w, has_b, eps, code,
     z = x.dtype.type(0.0)
     k = x[0:C]
     for p in prange(P):
-        _block_partials(x, C, p * M // P, (p + 1) * M // P, k, dlt, m2, P, p, R, z)
+        _nhwc_block_partials(x, C, p * M // P, (p + 1) * M // P, k, dlt, m2, p, R, z)
     _merge_blocks(dlt, m2, M, C, P, k, w, bias, has_w, has_b, eps, stat, cnt)
     dl = np.empty(C, dtype=x.dtype)
     sc = np.empty(C, dtype=x.dtype)
@@ -359,7 +286,7 @@ def nhwc_partials(x, M, C, P, R, cnt_o, mean_o, m2_o):
         M, C: the channels-last shape (rows, channels).
         P: row blocks (``cpu.nhwc_blocks``); block ``p`` holds the rows
             ``[p*M//P, (p+1)*M//P)``.
-        R: rows per run of the block partials (``cpu.sub_rows``), or 0.
+        R: rows per run of the block partials (``cpu.sub_rows``).
         cnt_o, mean_o, m2_o: ``C*P`` float64, written: count, mean and ``Σ(x - mean)²`` of
             each block.
     """
@@ -368,7 +295,7 @@ def nhwc_partials(x, M, C, P, R, cnt_o, mean_o, m2_o):
     for p in prange(P):
         r0 = p * M // P
         r1 = (p + 1) * M // P
-        _block_partials(x, C, r0, r1, k, mean_o, m2_o, P, p, R, z)
+        _nhwc_block_partials(x, C, r0, r1, k, mean_o, m2_o, p, R, z)
         for c in range(C):
             mean_o[p * C + c] += k[c]
             cnt_o[p * C + c] = r1 - r0
