@@ -29,13 +29,6 @@ from ._segments import _finalize
 # loaded once per four rows instead of once per row (the loops along C are L1-bound otherwise).
 
 
-@_njit_inline
-def _flush(tot, run, C, z):
-    for c in range(C):
-        tot[c] += run[c]
-        run[c] = z
-
-
 @_njit_called
 def _nhwc_block_partials(x, C, r0, r1, k, dlt_o, m2_o, p, R, z):
     """Shifted partials of rows ``[r0, r1)`` into item ``p*C+c`` (block-major: each block

@@ -16,8 +16,15 @@ from numba import prange
 
 from ._activations import NONE, RELU, _grad_run
 from ._jit import _FLUSH_ROWS, _njit_called, _njit_inline, _parallel
-from ._nhwc import _flush
 from ._segments import _g1
+
+
+@_njit_inline
+def _flush(tot, run, C, z):
+    """Add the accumulation-dtype runs into the float64 totals and zero the runs."""
+    for c in range(C):
+        tot[c] += run[c]
+        run[c] = z
 
 
 @_njit_inline
