@@ -412,10 +412,9 @@ def test_channels_last_partials_in_runs_against_float64(shape, dtype, monkeypatc
     float64 oracle and with each other, with |mean|/std = 1e3 and a first row (the shift) far
     out in the tail; one short block is a single run."""
     from batchnorm.kernels.cpu import _host
-
-    m, c = shape
     from batchnorm.kernels.cpu._jit import _FLUSH_ROWS
 
+    c = shape[1]
     short = _host.sub_rows(c, dtype.itemsize)
     assert (short < _FLUSH_ROWS) == (c <= _host._SUB_MAX_C and c * dtype.itemsize > 64)
     assert short % 4 == 0 and 4 <= short <= _FLUSH_ROWS
@@ -435,20 +434,20 @@ def test_channels_last_partials_in_runs_against_float64(shape, dtype, monkeypatc
     monkeypatch.setattr(_host, "_SUB_MAX_C", 0)
     _host.sub_rows.cache_clear()
     try:
-        blocks = run()
+        long_runs = run()
     finally:
         monkeypatch.undo()
         _host.sub_rows.cache_clear()
-    for got in (runs, blocks):
+    for got in (runs, long_runs):
         mean, var, mu, v = got
         torch.testing.assert_close(mean.double(), mean64, rtol=rtol, atol=0)
         torch.testing.assert_close(mu.double(), mean64, rtol=rtol, atol=0)
         torch.testing.assert_close(var.double(), var64, rtol=50 * rtol, atol=0)
         torch.testing.assert_close(v.double(), var64, rtol=50 * rtol, atol=0)
-    for a, b in zip(runs, blocks, strict=True):
+    for a, b in zip(runs, long_runs, strict=True):
         torch.testing.assert_close(a, b, rtol=50 * rtol, atol=0)
     if c > _host._SUB_MAX_C:  # the same path both times
-        assert all(torch.equal(a, b) for a, b in zip(runs, blocks, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(runs, long_runs, strict=True))
 
 
 def test_channels_last_runs_propagate_nan():
