@@ -25,8 +25,9 @@ from ._activations import NONE, RELU, _act_run
 from ._jit import _njit_called, _njit_inline, _parallel
 from ._segments import _finalize
 
-# Rows are taken four at a time: the per-channel vectors (shift, accumulators, scale, ...) are
-# loaded once per four rows instead of once per row (the loops along C are L1-bound otherwise).
+# The block partials take rows four at a time: the per-channel accumulators are loaded and
+# stored once per four rows instead of once per row (the loops along C are L1-bound otherwise).
+# The output pass takes one row at a time (see _nhwc_apply_rows).
 
 
 @_njit_called
@@ -141,86 +142,41 @@ def _relu_or_id(v, code, z):
 
 @_njit_inline
 def _nhwc_apply_rows(x, y, r, has_res, C, r0, r1, k, dl, scale, shift, code, slope, z):
-    """``y = act(((x - k) - dl)·scale + shift [+ r])`` for rows ``[r0, r1)``."""
+    """``y = act(((x - k) - dl)·scale + shift [+ r])`` for rows ``[r0, r1)``.
+
+    One row per sweep of the channel vectors: the rows are read and written in memory order,
+    one stream each. Four rows per sweep (the vectors loaded once for four rows) win on data in
+    L1/L2 and lose in the kernel, where this pass reads ``x`` from L3 or memory
+    (docs/decisions.md, "Channels-last output one row per sweep")."""
     # The rows are written with ReLU or nothing (``lin``); another activation then runs once
     # over the block's rows, which are contiguous and still in cache (one loop, vectorised).
     simple = code == NONE or code == RELU  # noqa: SIM109 (kept plain for Numba)
     lin = code if simple else NONE
-    row = r0
     if not has_res and lin == NONE:
         # no activation (convert_model's layers, whose activation is a module of its own): the
         # loop without the select
-        while row + 4 <= r1:
+        for row in range(r0, r1):
             o = row * C
-            x0 = x[o:o + C]
-            x1 = x[o + C:o + 2 * C]
-            x2 = x[o + 2 * C:o + 3 * C]
-            x3 = x[o + 3 * C:o + 4 * C]
-            y0 = y[o:o + C]
-            y1 = y[o + C:o + 2 * C]
-            y2 = y[o + 2 * C:o + 3 * C]
-            y3 = y[o + 3 * C:o + 4 * C]
+            xr = x[o:o + C]
+            yr = y[o:o + C]
             for c in range(C):
-                kc = k[c]
-                dc = dl[c]
-                s = scale[c]
-                h = shift[c]
-                y0[c] = ((x0[c] - kc) - dc) * s + h
-                y1[c] = ((x1[c] - kc) - dc) * s + h
-                y2[c] = ((x2[c] - kc) - dc) * s + h
-                y3[c] = ((x3[c] - kc) - dc) * s + h
-            row += 4
+                yr[c] = ((xr[c] - k[c]) - dl[c]) * scale[c] + shift[c]
     elif not has_res:
-        while row + 4 <= r1:
+        for row in range(r0, r1):
             o = row * C
-            x0 = x[o:o + C]
-            x1 = x[o + C:o + 2 * C]
-            x2 = x[o + 2 * C:o + 3 * C]
-            x3 = x[o + 3 * C:o + 4 * C]
-            y0 = y[o:o + C]
-            y1 = y[o + C:o + 2 * C]
-            y2 = y[o + 2 * C:o + 3 * C]
-            y3 = y[o + 3 * C:o + 4 * C]
+            xr = x[o:o + C]
+            yr = y[o:o + C]
             for c in range(C):
-                kc = k[c]
-                dc = dl[c]
-                s = scale[c]
-                h = shift[c]
-                y0[c] = _relu_or_id(((x0[c] - kc) - dc) * s + h, lin, z)
-                y1[c] = _relu_or_id(((x1[c] - kc) - dc) * s + h, lin, z)
-                y2[c] = _relu_or_id(((x2[c] - kc) - dc) * s + h, lin, z)
-                y3[c] = _relu_or_id(((x3[c] - kc) - dc) * s + h, lin, z)
-            row += 4
+                yr[c] = _relu_or_id(((xr[c] - k[c]) - dl[c]) * scale[c] + shift[c], lin, z)
     else:
-        while row + 2 <= r1:
+        for row in range(r0, r1):
             o = row * C
-            x0 = x[o:o + C]
-            x1 = x[o + C:o + 2 * C]
-            q0 = r[o:o + C]
-            q1 = r[o + C:o + 2 * C]
-            y0 = y[o:o + C]
-            y1 = y[o + C:o + 2 * C]
-            for c in range(C):
-                kc = k[c]
-                dc = dl[c]
-                s = scale[c]
-                h = shift[c]
-                y0[c] = _relu_or_id(((x0[c] - kc) - dc) * s + h + q0[c], lin, z)
-                y1[c] = _relu_or_id(((x1[c] - kc) - dc) * s + h + q1[c], lin, z)
-            row += 2
-    while row < r1:
-        o = row * C
-        xr = x[o:o + C]
-        yr = y[o:o + C]
-        if has_res:
+            xr = x[o:o + C]
+            yr = y[o:o + C]
             rr = r[o:o + C]
             for c in range(C):
                 yr[c] = _relu_or_id(((xr[c] - k[c]) - dl[c]) * scale[c] + shift[c] + rr[c],
                                     lin, z)
-        else:
-            for c in range(C):
-                yr[c] = _relu_or_id(((xr[c] - k[c]) - dl[c]) * scale[c] + shift[c], lin, z)
-        row += 1
     if not simple:
         _act_run(y[r0 * C:r1 * C], (r1 - r0) * C, code, slope, z)
 
