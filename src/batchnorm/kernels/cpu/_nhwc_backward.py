@@ -18,6 +18,9 @@ from ._activations import NONE, RELU, _grad_run
 from ._jit import _FLUSH_ROWS, _njit_called, _njit_inline, _parallel
 from ._segments import _g1
 
+#: row widths, in bytes, whose block sums take one row per sweep (the others: two)
+_ONE_ROW_BYTES = (384, 3072)
+
 
 @_njit_inline
 def _flush(tot, run, C, z):
@@ -73,7 +76,25 @@ def _nhwc_block_sums(dy, x, r, has_res, C, r0, r1, mean, scale, shift, code, slo
     rgx = np.zeros(C, dtype=x.dtype)
     cnt = 0
     row = r0
-    if code == NONE and not has_res:
+    # Rows of 384 B to 3 KB (96 to 768 float32 channels) are taken one per sweep, in memory
+    # order; narrower and wider ones two per sweep (docs/decisions.md, "Channels-last backward
+    # sums: one row per sweep for mid-width rows")
+    one_row = _ONE_ROW_BYTES[0] <= C * x.itemsize <= _ONE_ROW_BYTES[1]
+    if code == NONE and not has_res and one_row:
+        while row < r1:
+            o = row * C
+            x0 = x[o:o + C]
+            d0 = dy[o:o + C]
+            for c in range(C):
+                rg[c] += d0[c]
+                rgx[c] += d0[c] * (x0[c] - mean[c])
+            row += 1
+            cnt += 1
+            if cnt >= _FLUSH_ROWS:
+                _flush(tg, rg, C, z)
+                _flush(tgx, rgx, C, z)
+                cnt = 0
+    elif code == NONE and not has_res:
         # g = dy: the loop of a layer whose activation runs as its own module (what
         # convert_model gives), without the select and the masked loads of the general loop
         while row + 2 <= r1:
@@ -89,6 +110,24 @@ def _nhwc_block_sums(dy, x, r, has_res, C, r0, r1, mean, scale, shift, code, slo
                 rgx[c] += d0[c] * e0 + d1[c] * e1
             row += 2
             cnt += 2
+            if cnt >= _FLUSH_ROWS:
+                _flush(tg, rg, C, z)
+                _flush(tgx, rgx, C, z)
+                cnt = 0
+    elif (code == NONE or code == RELU) and one_row:  # noqa: SIM109 (kept plain for Numba)
+        # g computed in the accumulation loop
+        while row < r1:
+            o = row * C
+            x0 = x[o:o + C]
+            d0 = dy[o:o + C]
+            q0 = r[o:o + C] if has_res else x0
+            for c in range(C):
+                e0 = x0[c] - mean[c]
+                g0 = _g1(d0[c], e0, scale[c], shift[c], q0[c], code, has_res, z)
+                rg[c] += g0
+                rgx[c] += g0 * e0
+            row += 1
+            cnt += 1
             if cnt >= _FLUSH_ROWS:
                 _flush(tg, rg, C, z)
                 _flush(tgx, rgx, C, z)
