@@ -188,8 +188,8 @@ def _nhwc_dx_rows(dy, x, r, has_res, C, r0, r1, mean, scale, shift, code, slope,
                 o0[c] = scale[c] * (d0[c] - a[c] - (x0[c] - mean[c]) * rb[c])
         return
     if (code == NONE or code == RELU) and need_dx:  # noqa: SIM109 (kept plain for Numba)
-        # g computed in the dx loop, one row per sweep (two rows, as in the sums, were slower
-        # here: one more output and three more inputs in the loop; docs/decisions.md,
+        # g computed in the dx loop, one row per sweep (two rows, as the sums take for narrow
+        # and wide rows, were slower here: one more output and three more inputs; docs/decisions.md,
         # "Channels-last backward for none/ReLU: `g` in registers")
         for row in range(r0, r1):
             o = row * C
